@@ -1,0 +1,177 @@
+"""The `switchcit` command. Heavy libraries are imported inside the commands so `--help` stays fast."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import SwitchcitError
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--model", default=None,
+                   help="base model: Hugging Face id or local folder (default: the store's, else embedded SmolLM2)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def _prompt_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", required=True, help="store folder")
+    p.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompts to answer")
+    p.add_argument("--file", help="JSONL file of prompts in the learning-data format (output optional)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="switchcit", description="Continual instruction tuning: one LoRA "
+                                     "expert per task, and a switch that routes each request to its expert.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("learn", help="learn a new task into a store (creates the store if needed)")
+    p.add_argument("--store", required=True)
+    p.add_argument("--task", required=True, help="task name: [a-z0-9][a-z0-9_-]{0,63}")
+    p.add_argument("--data", required=True, help="JSONL training data (Alpaca or chat rows)")
+    p.add_argument("--replace", action="store_true", help="retrain a task already in the store")
+    p.add_argument("--max-steps", type=int, default=None, help="bound the training steps")
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--encoder", default=None, help="switch encoder for a new store: sentence-transformers id or "
+                   "folder, 'base' (the base model's last-token state), or a causal LM id (default: MiniLM)")
+    p.add_argument("--memory-fraction", type=float, default=0.01, help="share of examples kept as features")
+    p.add_argument("--memory-min", type=int, default=16, help="minimum features kept per task")
+    _model_options(p)
+
+    p = sub.add_parser("route", help="print the task each prompt is routed to")
+    _prompt_options(p)
+    _model_options(p)
+
+    p = sub.add_parser("generate", help="answer prompts, each with its routed task's adapter")
+    _prompt_options(p)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=16)
+    _model_options(p)
+
+    p = sub.add_parser("tasks", help="list the tasks in a store")
+    p.add_argument("--store", required=True)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("demo", help="learn the built-in 4-task stream on the embedded model and report")
+    p.add_argument("--store", default=None, help="keep the demo store here (default: a temporary folder)")
+    p.add_argument("--steps", type=int, default=60, help="training steps per task")
+    p.add_argument("--train-examples", type=int, default=200)
+    p.add_argument("--test-examples", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+    _model_options(p)
+    return parser
+
+
+def _open(args, **kwargs):
+    from .continual import ContinualModel
+
+    return ContinualModel(args.store, base_model=args.model, device=args.device, dtype=args.dtype,
+                          progress=not args.quiet, **kwargs)
+
+
+def _prompts(args) -> list[str]:
+    from .data import load_examples
+
+    if args.file and args.prompts:
+        raise SwitchcitError("give prompts as arguments or --file, not both")
+    prompts = [e.prompt for e in load_examples(args.file, require_output=False)] if args.file else args.prompts
+    if not prompts:
+        raise SwitchcitError("no prompts: give PROMPT arguments or --file FILE.jsonl")
+    return prompts
+
+
+def cmd_learn(args) -> None:
+    from .continual import ContinualModel
+    from .data import Task, check_task_name, load_examples
+    from .experts import ExpertConfig
+    from .store import Store
+    from .switch import MemoryConfig
+
+    check_task_name(args.task)
+    task = Task(args.task, load_examples(args.data))
+    store = Store(args.store)
+    if store.exists():
+        manifest = store.read()
+        if args.task in [t["name"] for t in manifest["tasks"]] and not args.replace:
+            raise SwitchcitError(f"task '{args.task}' is already in store {args.store}: pass --replace to retrain "
+                                 "it or choose another name")
+    elif store.root.exists() and any(p.name != ".lock" for p in store.root.iterdir()):
+        raise SwitchcitError(f"{args.store} exists and is not a switchcit store: choose an empty or new folder")
+    expert = ExpertConfig(r=args.rank, alpha=2 * args.rank, learning_rate=args.lr, batch_size=args.batch_size,
+                          epochs=args.epochs, max_steps=args.max_steps, seed=args.seed)
+    cm = ContinualModel(args.store, base_model=args.model, encoder=args.encoder, device=args.device,
+                        dtype=args.dtype, progress=not args.quiet, expert_config=expert,
+                        memory_config=MemoryConfig(args.memory_fraction, args.memory_min, args.seed))
+    entry = cm.learn(task, replace=args.replace)
+    print(f"learned task '{entry['name']}' ({entry['examples']} examples, {entry['steps']} steps, "
+          f"loss {entry['final_loss']}); store {args.store} now has {len(cm.tasks)} task(s)")
+
+
+def cmd_route(args) -> None:
+    prompts = _prompts(args)
+    for prompt, r in zip(prompts, _open(args).route(prompts)):
+        if args.json:
+            print(json.dumps({"prompt": prompt, "task": r.task, "confidence": r.confidence}))
+        else:
+            conf = "-" if r.confidence is None else f"{r.confidence:.3f}"
+            print(f"{r.task}\t{conf}\t{prompt.splitlines()[0]}")
+
+
+def cmd_generate(args) -> None:
+    prompts = _prompts(args)
+    answers = _open(args).generate(prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    for a in answers:
+        if args.json:
+            print(json.dumps({"prompt": a.prompt, "task": a.task, "confidence": a.confidence, "output": a.output}))
+        else:
+            conf = "" if a.confidence is None else f" {a.confidence:.3f}"
+            print(f"[{a.task}{conf}] {a.output}")
+
+
+def cmd_tasks(args) -> None:
+    from .store import Store
+
+    manifest = Store(args.store).read()
+    if args.json:
+        print(json.dumps(manifest["tasks"]))
+        return
+    print(f"store {args.store}: base model {manifest['base_model']['reference']}, "
+          f"encoder {manifest['encoder']['reference']}")
+    for t in manifest["tasks"]:
+        print(f"  {t['name']:<24} {t['examples']:>7} examples  {t['memory_size']:>5} kept  {t['steps']:>6} steps  "
+              f"{t['learned_at']}  {t['adapter']}")
+
+
+def cmd_demo(args) -> None:
+    from .demo import run_demo
+
+    run_demo(store=args.store, model=args.model, steps=args.steps, n_train=args.train_examples,
+             n_test=args.test_examples, seed=args.seed, device=args.device, progress=not args.quiet)
+
+
+COMMANDS = {"learn": cmd_learn, "route": cmd_route, "generate": cmd_generate, "tasks": cmd_tasks, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except SwitchcitError as exc:
+        print(f"switchcit: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("switchcit: interrupted; the store keeps its last committed state", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,301 @@
+"""ContinualModel: learn tasks one after another, route each prompt to its task, generate with its adapter."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .data import Task, encode_prompt
+from .errors import SwitchcitError
+from .experts import ExpertConfig, train_expert
+from .models import DEFAULT_MODEL, fingerprint, load_base_model, resolve_device, same_model
+from .store import Store, now
+from .switch import DEFAULT_ENCODER, MemoryConfig, Switch, SwitchConfig, load_encoder, select_memory, train_switch
+
+if TYPE_CHECKING:
+    import torch
+
+BASE = "base"
+_PEFT_BASE = "__base__"  # PEFT's name for "no adapter" in mixed-adapter batches
+_TRAINING = "_training"
+
+
+@dataclass(frozen=True)
+class Route:
+    task: str
+    confidence: float | None
+
+
+@dataclass(frozen=True)
+class Generation:
+    prompt: str
+    task: str
+    confidence: float | None
+    output: str
+
+
+class ContinualModel:
+    """A base model, one LoRA adapter per learned task, and a switch that picks the adapter per prompt.
+
+    Opening a store loads nothing heavy: the base model, encoder, switch and adapters load on first use,
+    each once.
+    """
+
+    def __init__(self, store: str | Path, base_model: str | None = None, encoder: str | None = None,
+                 device: str | None = None, dtype: str | None = None,
+                 expert_config: ExpertConfig | None = None, memory_config: MemoryConfig | None = None,
+                 switch_config: SwitchConfig | None = None, progress: bool = True):
+        self.store = Store(store)
+        self.manifest = self.store.read() if self.store.exists() else None
+        stored_base = self.manifest["base_model"]["reference"] if self.manifest else None
+        stored_encoder = self.manifest["encoder"]["reference"] if self.manifest else None
+        if encoder and stored_encoder and encoder != stored_encoder:
+            raise SwitchcitError(f"store {self.store.root} routes with encoder '{stored_encoder}', not '{encoder}': "
+                                 "drop --encoder or use a new store")
+        self.base_reference = _absolute_if_local(base_model or stored_base or DEFAULT_MODEL)
+        self.encoder_reference = stored_encoder or encoder or DEFAULT_ENCODER
+        self.device = resolve_device(device)
+        self.dtype = dtype
+        self.expert_config = expert_config or ExpertConfig()
+        self.memory_config = memory_config or MemoryConfig()
+        self.switch_config = switch_config or SwitchConfig()
+        self.progress = progress
+        self._model = self._tokenizer = self._peft = self._encoder = None
+        self._switch: Switch | None = None
+        self._switch_path: str | None = None
+        self._loaded: dict[str, str] = {}  # task -> adapter path loaded in memory
+
+    # -- lazy components -------------------------------------------------------------------------
+
+    @property
+    def tasks(self) -> list[dict]:
+        """Learned tasks in learning order, as recorded in the manifest."""
+        return list(self.manifest["tasks"]) if self.manifest else []
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t["name"] for t in self.tasks]
+
+    @property
+    def model(self):
+        """The generating model: the PEFT wrapper once adapters exist, else the base model."""
+        self._load_base()
+        return self._peft if self._peft is not None else self._model
+
+    @property
+    def tokenizer(self):
+        self._load_base()
+        return self._tokenizer
+
+    def _load_base(self) -> None:
+        if self._model is not None:
+            return
+        self._model, self._tokenizer = load_base_model(self.base_reference, self.device, self.dtype)
+        if self.manifest and not same_model(self.manifest["base_model"]["fingerprint"], fingerprint(self._model)):
+            raise SwitchcitError(
+                f"store {self.store.root} was built on base model '{self.manifest['base_model']['reference']}', "
+                f"and '{self.base_reference}' is a different model: use that base model or a new store")
+
+    @property
+    def encoder(self):
+        if self._encoder is None:
+            if self.encoder_reference == "base":
+                self._load_base()
+            self._encoder = load_encoder(self.encoder_reference, self.model if self._model else None,
+                                         self._tokenizer, device=self.device)
+        return self._encoder
+
+    def _wrap(self, peft_model) -> None:
+        """Adapters are injected into the base model in place; a base-model encoder must see the wrapper."""
+        self._peft = peft_model
+        if self._encoder is not None and self.encoder_reference == "base":
+            self._encoder.model = peft_model
+
+    def _load_adapter(self, task: str, relative: str) -> None:
+        from peft import PeftModel
+
+        path = str(self.store.path(relative))
+        if task in self._loaded and self._peft is not None:
+            self._peft.delete_adapter(task)
+        if self._peft is None:
+            self._load_base()
+            self._wrap(PeftModel.from_pretrained(self._model, path, adapter_name=task))
+        else:
+            self._peft.load_adapter(path, adapter_name=task)
+        self._peft.eval()
+        self._loaded[task] = relative
+
+    def refresh(self) -> None:
+        """Bring loaded adapters and switch in line with the store's current manifest (live updates)."""
+        if not self.store.exists():
+            return
+        self.manifest = self.store.read()
+        self._sync_loaded()
+
+    def _sync_loaded(self) -> None:
+        wanted = {t["name"]: t["adapter"] for t in self.tasks}
+        for task in [t for t in self._loaded if t not in wanted]:
+            self._peft.delete_adapter(task)
+            del self._loaded[task]
+        if self._model is not None and (self._loaded or self._peft is not None):
+            for task, relative in wanted.items():
+                if self._loaded.get(task) != relative:
+                    self._load_adapter(task, relative)
+        if self._switch_path != self.manifest["switch"]:
+            self._switch, self._switch_path = None, None
+
+    def load_adapters(self) -> None:
+        """Load every learned task's adapter once (generation needs them all)."""
+        for task in self.tasks:
+            if self._loaded.get(task["name"]) != task["adapter"]:
+                self._load_adapter(task["name"], task["adapter"])
+
+    @property
+    def switch(self) -> Switch | None:
+        if self._switch is None and self.manifest and self.manifest["switch"]:
+            self._switch = Switch.load(self.store.path(self.manifest["switch"]))
+            self._switch_path = self.manifest["switch"]
+        return self._switch
+
+    # -- learning --------------------------------------------------------------------------------
+
+    def learn(self, task: Task, replace: bool = False, expert_config: ExpertConfig | None = None) -> dict:
+        """Train `task`'s adapter, then retrain the switch on its features plus the retained memory.
+
+        Nothing in the store changes until the final atomic commit; an interrupted call leaves it as it was.
+        """
+        from peft import get_peft_model
+        from safetensors.torch import save_file
+
+        config = expert_config or self.expert_config
+        missing = [i for i, e in enumerate(task.examples, 1) if not e.output]
+        if not task.examples or missing:
+            raise SwitchcitError(f"task '{task.name}' needs examples with outputs (missing at rows {missing[:5]})")
+        self._check_new_name(task.name, replace)
+        self._load_base()
+        features = self.encoder.encode(task.prompts)
+        if self._peft is None:
+            self._wrap(get_peft_model(self._model, config.lora(), adapter_name=_TRAINING))
+        else:
+            self._peft.add_adapter(_TRAINING, config.lora())
+        try:
+            stats = train_expert(self._peft, _TRAINING, task.examples, self.tokenizer, config,
+                                 progress=self.progress, desc=f"learn {task.name}")
+            with self.store.lock():
+                self.manifest = self.store.read() if self.store.exists() else self._new_manifest(features.shape[1])
+                self._check_new_name(task.name, replace)
+                adapter = self.store.fresh("adapters", task.name)
+                self._peft.save_pretrained(str(self.store.path(adapter) / "_tmp"), selected_adapters=[_TRAINING])
+                saved = self.store.path(adapter) / "_tmp" / _TRAINING
+                for item in saved.iterdir():
+                    item.rename(self.store.path(adapter) / item.name)
+                _rmtree(self.store.path(adapter) / "_tmp")
+                memory = self.store.fresh("memory", task.name, ".safetensors")
+                self.store.path(memory).parent.mkdir(parents=True, exist_ok=True)
+                save_file({"features": select_memory(features, self.memory_config).contiguous()},
+                          str(self.store.path(memory)))
+                switch, switch_path = self._retrain_switch(task.name, features)
+                entry = {"name": task.name, "adapter": adapter, "memory": memory, "examples": len(task.examples),
+                         "memory_size": self.memory_config.size_for(len(features)), "steps": stats["steps"],
+                         "final_loss": round(stats["final_loss"], 4), "lora": config.to_dict(),
+                         "learned_at": now()}
+                others = [t for t in self.tasks if t["name"] != task.name]
+                manifest = dict(self.manifest, tasks=[*others, entry], switch=switch_path,
+                                generation=self.manifest.get("generation", 0) + 1)
+                self.store.commit(manifest)
+                self.manifest = manifest
+        finally:
+            if _TRAINING in self._peft.peft_config:
+                with warnings.catch_warnings():  # PEFT warns when the active adapter goes; we set ours below
+                    warnings.simplefilter("ignore")
+                    self._peft.delete_adapter(_TRAINING)
+        self._load_adapter(task.name, adapter)
+        self._sync_loaded()
+        self._switch, self._switch_path = switch, switch_path
+        return entry
+
+    def _check_new_name(self, name: str, replace: bool) -> None:
+        if name in self.task_names and not replace:
+            raise SwitchcitError(f"task '{name}' is already in store {self.store.root}: pass --replace to retrain "
+                                 "it or choose another name")
+
+    def _new_manifest(self, dim: int) -> dict:
+        return {"format": 1, "base_model": {"reference": self.base_reference, "fingerprint": fingerprint(self._model)},
+                "encoder": {"reference": self.encoder_reference, "dim": dim},
+                "memory": {"fraction": self.memory_config.fraction, "min_per_task": self.memory_config.min_per_task},
+                "tasks": [], "switch": None, "generation": 0}
+
+    def _retrain_switch(self, new_task: str, new_features: torch.Tensor) -> tuple[Switch, str]:
+        from safetensors.torch import load_file
+
+        by_task = {t["name"]: load_file(str(self.store.path(t["memory"])))["features"]
+                   for t in self.tasks if t["name"] != new_task}
+        by_task[new_task] = new_features
+        switch = train_switch(by_task, self.switch_config)
+        path = self.store.fresh("switch", f"v{self.manifest.get('generation', 0) + 1}")
+        switch.save(self.store.path(path))
+        return switch, path
+
+    # -- inference -------------------------------------------------------------------------------
+
+    def route(self, prompts: list[str]) -> list[Route]:
+        """The task (and switch confidence) for each raw prompt; 'base' when nothing is learned yet."""
+        if not prompts:
+            return []
+        if self.switch is None:
+            return [Route(BASE, None) for _ in prompts]
+        labels, confidences = self.switch.predict(self.encoder.encode(prompts))
+        return [Route(t, c) for t, c in zip(labels, confidences)]
+
+    def generate(self, prompts: list[str], max_new_tokens: int = 64, batch_size: int = 16,
+                 tasks: list[str] | None = None) -> list[Generation]:
+        """Route (unless `tasks` forces each prompt's task) and answer every prompt, batched across adapters."""
+        routes = self.route(prompts) if tasks is None else [Route(t, None) for t in tasks]
+        outputs = self.generate_with(prompts, [r.task for r in routes], max_new_tokens, batch_size)
+        return [Generation(p, r.task, r.confidence, o) for p, r, o in zip(prompts, routes, outputs)]
+
+    def generate_with(self, prompts: list[str], tasks: list[str], max_new_tokens: int = 64,
+                      batch_size: int = 16) -> list[str]:
+        """Greedy answers, each prompt with its task's adapter ('base': none); one batch mixes adapters."""
+        import torch
+
+        unknown = sorted(set(tasks) - set(self.task_names) - {BASE})
+        if unknown:
+            raise SwitchcitError(f"unknown task(s) {unknown}: known are {self.task_names} and '{BASE}'")
+        self.load_adapters()
+        tokenizer = self.tokenizer
+        encoded = [encode_prompt(tokenizer, p) for p in prompts]
+        order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+        outputs: list[str] = [""] * len(prompts)
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            width = max(len(encoded[i]) for i in rows)
+            ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for r, i in enumerate(rows):
+                ids[r, width - len(encoded[i]):] = torch.tensor(encoded[i])
+                mask[r, width - len(encoded[i]):] = 1
+            kwargs = {}
+            if self._peft is not None:
+                kwargs["adapter_names"] = [_PEFT_BASE if tasks[i] == BASE else tasks[i] for i in rows]
+            with torch.no_grad():
+                out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                          max_new_tokens=max_new_tokens, do_sample=False,
+                                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                          **kwargs)
+            for r, i in enumerate(rows):
+                outputs[i] = tokenizer.decode(out[r, width:], skip_special_tokens=True).strip()
+        return outputs
+
+
+def _absolute_if_local(reference: str) -> str:
+    path = Path(reference).expanduser()
+    return str(path.resolve()) if path.exists() else reference
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)

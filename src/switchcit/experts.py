@@ -1,0 +1,133 @@
+"""Train one LoRA expert for one task on the frozen base model (PEFT), loss on answer tokens only."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+from .data import Example, encode_answer, encode_prompt
+
+if TYPE_CHECKING:
+    import torch
+    from peft import LoraConfig, PeftModel
+    from transformers import PreTrainedTokenizerBase
+
+
+@dataclass
+class ExpertConfig:
+    """LoRA shape and training budget. Defaults suit a 2-core CPU and a model of ~100M parameters."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: str | list[str] = "all-linear"
+    learning_rate: float = 1e-3
+    batch_size: int = 8
+    epochs: float = 1.0
+    max_steps: int | None = None
+    max_length: int = 512
+    warmup_ratio: float = 0.05
+    seed: int = 0
+
+    def steps_for(self, n_examples: int) -> int:
+        per_epoch = math.ceil(n_examples / self.batch_size)
+        steps = max(1, math.ceil(per_epoch * self.epochs))
+        return min(steps, self.max_steps) if self.max_steps else steps
+
+    def lora(self) -> LoraConfig:
+        from peft import LoraConfig
+
+        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
+                          target_modules=self.target_modules, task_type="CAUSAL_LM")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def tokenize_example(tokenizer: PreTrainedTokenizerBase, example: Example, max_length: int) -> tuple[list, list]:
+    """(input_ids, labels) with the prompt masked out of the loss; long rows keep their answer end."""
+    prompt = encode_prompt(tokenizer, example.prompt)
+    answer = encode_answer(tokenizer, example.output or "")
+    ids = (prompt + answer)[-max_length:]
+    labels = ([-100] * len(prompt) + answer)[-max_length:]
+    return ids, labels
+
+
+def collate(rows: list[tuple[list, list]], pad_id: int) -> dict[str, torch.Tensor]:
+    import torch
+
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (row_ids, row_labels) in enumerate(rows):
+        ids[i, : len(row_ids)] = torch.tensor(row_ids)
+        labels[i, : len(row_labels)] = torch.tensor(row_labels)
+        mask[i, : len(row_ids)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def batches(n_rows: int, batch_size: int, steps: int, seed: int):
+    """Index lists for `steps` batches: seeded reshuffle each epoch, as many epochs as needed."""
+    rng = random.Random(seed)
+    order: list[int] = []
+    for _ in range(steps):
+        if len(order) < batch_size:
+            epoch = list(range(n_rows))
+            rng.shuffle(epoch)
+            order.extend(epoch)
+        yield order[:batch_size]
+        del order[:batch_size]
+
+
+def train_expert(
+    model: PeftModel,
+    adapter_name: str,
+    examples: list[Example],
+    tokenizer: PreTrainedTokenizerBase,
+    config: ExpertConfig,
+    progress: bool = True,
+    desc: str | None = None,
+) -> dict:
+    """Train `adapter_name` (already added to `model`) on `examples`; every other weight stays frozen."""
+    import torch
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(config.seed)
+    rows = [tokenize_example(tokenizer, e, config.max_length) for e in examples]
+    steps = config.steps_for(len(rows))
+    model.set_adapter(adapter_name)
+    params = []
+    for name, param in model.named_parameters():
+        param.requires_grad = f".{adapter_name}." in name and "lora_" in name
+        if param.requires_grad:
+            params.append(param)
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
+    warmup = max(1, int(steps * config.warmup_ratio))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup)))
+    )
+    device = next(model.parameters()).device
+    model.train()
+    losses = []
+    bar = tqdm(total=steps, desc=desc or f"learn {adapter_name}", disable=not progress, unit="step")
+    try:
+        for indices in batches(len(rows), config.batch_size, steps, config.seed):
+            batch = {k: v.to(device) for k, v in collate([rows[i] for i in indices], tokenizer.pad_token_id).items()}
+            loss = model(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            bar.update(1)
+            bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
+    finally:
+        bar.close()
+        model.eval()
+        for param in params:
+            param.requires_grad = False
+    return {"steps": steps, "final_loss": sum(losses[-10:]) / len(losses[-10:])}
