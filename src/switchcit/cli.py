@@ -62,17 +62,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="learn the built-in 4-task stream on the embedded model and report")
     p.add_argument("--store", default=None, help="keep the demo store here (default: a temporary folder)")
-    p.add_argument("--steps", type=int, default=60, help="training steps per task")
+    p.add_argument("--steps", type=int, default=30, help="training steps per task")
     p.add_argument("--train-examples", type=int, default=200)
-    p.add_argument("--test-examples", type=int, default=40)
+    p.add_argument("--test-examples", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
     _model_options(p)
     return parser
 
 
 def _open(args, **kwargs):
+    """An existing store (a typo in --store must not silently answer with the base model)."""
     from .continual import ContinualModel
+    from .store import Store
 
+    Store(args.store).read()
     return ContinualModel(args.store, base_model=args.model, device=args.device, dtype=args.dtype,
                           progress=not args.quiet, **kwargs)
 

@@ -111,7 +111,7 @@ class ContinualModel:
         """Adapters are injected into the base model in place; a base-model encoder must see the wrapper."""
         self._peft = peft_model
         if self._encoder is not None and self.encoder_reference == "base":
-            self._encoder.model = peft_model
+            self._encoder.model = peft_model if peft_model is not None else self._model
 
     def _load_adapter(self, task: str, relative: str) -> None:
         from peft import PeftModel
@@ -206,15 +206,25 @@ class ContinualModel:
                                 generation=self.manifest.get("generation", 0) + 1)
                 self.store.commit(manifest)
                 self.manifest = manifest
+            self._load_adapter(task.name, adapter)
         finally:
-            if _TRAINING in self._peft.peft_config:
-                with warnings.catch_warnings():  # PEFT warns when the active adapter goes; we set ours below
-                    warnings.simplefilter("ignore")
-                    self._peft.delete_adapter(_TRAINING)
-        self._load_adapter(task.name, adapter)
+            self._drop_training_adapter()
         self._sync_loaded()
         self._switch, self._switch_path = switch, switch_path
         return entry
+
+    def _drop_training_adapter(self) -> None:
+        if _TRAINING not in self._peft.peft_config:
+            return
+        if len(self._peft.peft_config) == 1:  # nothing else learned in this process: back to the bare model
+            self._model = self._peft.unload()
+            self._wrap(None)
+            return
+        with warnings.catch_warnings():  # PEFT warns when the active adapter goes; another is set below
+            warnings.simplefilter("ignore")
+            self._peft.delete_adapter(_TRAINING)
+        self._peft.set_adapter(next(iter(self._peft.peft_config)))
+        self._peft.requires_grad_(False)
 
     def _check_new_name(self, name: str, replace: bool) -> None:
         if name in self.task_names and not replace:

@@ -47,7 +47,7 @@ def demo_stream(n_train: int = 200, n_test: int = 40, seed: int = 0) -> list[tup
     for name, (wordings, answer) in TASKS.items():
         examples = []
         for _ in range(n_train + n_test):
-            words = rng.sample(WORDS, rng.randint(3, 5))
+            words = rng.sample(WORDS, rng.randint(3, 4))
             examples.append(Example(make_prompt(rng.choice(wordings), " ".join(words)), answer(words)))
         stream.append((Task(name, examples[:n_train]), Task(name, examples[n_train:])))
     return stream
@@ -63,8 +63,8 @@ def exact_match(predictions: list[str], references: list[str]) -> float:
     return 100.0 * hits / max(1, len(references))
 
 
-def run_demo(store: str | Path | None = None, model: str | None = None, steps: int = 60,
-             n_train: int = 200, n_test: int = 40, seed: int = 0, device: str | None = None,
+def run_demo(store: str | Path | None = None, model: str | None = None, steps: int = 30,
+             n_train: int = 200, n_test: int = 30, seed: int = 0, device: str | None = None,
              max_new_tokens: int = 24, progress: bool = True, out=print) -> dict:
     """Learn the demo stream in order; report base / just-learned / final scores and switch accuracy."""
     from .continual import BASE, ContinualModel
