@@ -22,6 +22,8 @@ def _prompt_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompts to answer")
     p.add_argument("--file", help="JSONL file of prompts in the learning-data format (output optional)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--no-fallback", action="store_true",
+                   help="always use the nearest task's adapter, even for prompts unlike every learned task")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,6 +62,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", required=True)
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("forget", help="remove a task: its adapter, its memory and its class in the switch")
+    p.add_argument("--store", required=True)
+    p.add_argument("--task", required=True)
+
+    p = sub.add_parser("export", help="write a store to one tar bundle with checksums")
+    p.add_argument("--store", required=True)
+    p.add_argument("--out", required=True, help="bundle file to write (e.g. model.tar)")
+
+    p = sub.add_parser("import", help="unpack a bundle made by `export` into a new store folder")
+    p.add_argument("bundle")
+    p.add_argument("--store", required=True, help="new (or empty) folder for the store")
+
     p = sub.add_parser("demo", help="learn the built-in 4-task stream on the embedded model and report")
     p.add_argument("--store", default=None, help="keep the demo store here (default: a temporary folder)")
     p.add_argument("--steps", type=int, default=30, help="training steps per task")
@@ -77,7 +91,7 @@ def _open(args, **kwargs):
 
     Store(args.store).read()
     return ContinualModel(args.store, base_model=args.model, device=args.device, dtype=args.dtype,
-                          progress=not args.quiet, **kwargs)
+                          progress=not args.quiet, fallback=not args.no_fallback, **kwargs)
 
 
 def _prompts(args) -> list[str]:
@@ -153,6 +167,28 @@ def cmd_tasks(args) -> None:
               f"{t['learned_at']}  {t['adapter']}")
 
 
+def cmd_forget(args) -> None:
+    from .continual import ContinualModel
+
+    cm = ContinualModel(args.store)
+    cm.forget(args.task)
+    print(f"forgot task '{args.task}'; store {args.store} now has {len(cm.tasks)} task(s)")
+
+
+def cmd_export(args) -> None:
+    from .bundle import export_store
+
+    info = export_store(args.store, args.out)
+    print(f"exported {info['tasks']} task(s), {info['files']} files, {info['bytes']} bytes to {args.out}")
+
+
+def cmd_import(args) -> None:
+    from .bundle import import_bundle
+
+    manifest = import_bundle(args.bundle, args.store)
+    print(f"imported {len(manifest['tasks'])} task(s) into {args.store}")
+
+
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
@@ -160,7 +196,8 @@ def cmd_demo(args) -> None:
              n_test=args.test_examples, seed=args.seed, device=args.device, progress=not args.quiet)
 
 
-COMMANDS = {"learn": cmd_learn, "route": cmd_route, "generate": cmd_generate, "tasks": cmd_tasks, "demo": cmd_demo}
+COMMANDS = {"learn": cmd_learn, "route": cmd_route, "generate": cmd_generate, "tasks": cmd_tasks,
+            "forget": cmd_forget, "export": cmd_export, "import": cmd_import, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

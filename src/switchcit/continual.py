@@ -12,7 +12,16 @@ from .errors import SwitchcitError
 from .experts import ExpertConfig, train_expert
 from .models import DEFAULT_MODEL, fingerprint, load_base_model, resolve_device, same_model
 from .store import Store, now
-from .switch import DEFAULT_ENCODER, MemoryConfig, Switch, SwitchConfig, load_encoder, select_memory, train_switch
+from .switch import (
+    DEFAULT_ENCODER,
+    MemoryConfig,
+    Switch,
+    SwitchConfig,
+    fit_region,
+    load_encoder,
+    select_memory,
+    train_switch,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -46,7 +55,8 @@ class ContinualModel:
     def __init__(self, store: str | Path, base_model: str | None = None, encoder: str | None = None,
                  device: str | None = None, dtype: str | None = None,
                  expert_config: ExpertConfig | None = None, memory_config: MemoryConfig | None = None,
-                 switch_config: SwitchConfig | None = None, progress: bool = True):
+                 switch_config: SwitchConfig | None = None, progress: bool = True, fallback: bool = True,
+                 false_rejection: float = 0.02):
         self.store = Store(store)
         self.manifest = self.store.read() if self.store.exists() else None
         stored_base = self.manifest["base_model"]["reference"] if self.manifest else None
@@ -62,6 +72,8 @@ class ContinualModel:
         self.memory_config = memory_config or MemoryConfig()
         self.switch_config = switch_config or SwitchConfig()
         self.progress = progress
+        self.fallback = fallback
+        self.false_rejection = false_rejection
         self._model = self._tokenizer = self._peft = self._encoder = None
         self._switch: Switch | None = None
         self._switch_path: str | None = None
@@ -117,8 +129,8 @@ class ContinualModel:
         from peft import PeftModel
 
         path = str(self.store.path(relative))
-        if task in self._loaded and self._peft is not None:
-            self._peft.delete_adapter(task)
+        if task in self._loaded:
+            self._remove_adapter(task)
         if self._peft is None:
             self._load_base()
             self._wrap(PeftModel.from_pretrained(self._model, path, adapter_name=task))
@@ -137,8 +149,7 @@ class ContinualModel:
     def _sync_loaded(self) -> None:
         wanted = {t["name"]: t["adapter"] for t in self.tasks}
         for task in [t for t in self._loaded if t not in wanted]:
-            self._peft.delete_adapter(task)
-            del self._loaded[task]
+            self._remove_adapter(task)
         if self._model is not None and (self._loaded or self._peft is not None):
             for task, relative in wanted.items():
                 if self._loaded.get(task) != relative:
@@ -167,7 +178,6 @@ class ContinualModel:
         Nothing in the store changes until the final atomic commit; an interrupted call leaves it as it was.
         """
         from peft import get_peft_model
-        from safetensors.torch import save_file
 
         config = expert_config or self.expert_config
         missing = [i for i, e in enumerate(task.examples, 1) if not e.output]
@@ -186,26 +196,14 @@ class ContinualModel:
             with self.store.lock():
                 self.manifest = self.store.read() if self.store.exists() else self._new_manifest(features.shape[1])
                 self._check_new_name(task.name, replace)
-                adapter = self.store.fresh("adapters", task.name)
-                self._peft.save_pretrained(str(self.store.path(adapter) / "_tmp"), selected_adapters=[_TRAINING])
-                saved = self.store.path(adapter) / "_tmp" / _TRAINING
-                for item in saved.iterdir():
-                    item.rename(self.store.path(adapter) / item.name)
-                _rmtree(self.store.path(adapter) / "_tmp")
-                memory = self.store.fresh("memory", task.name, ".safetensors")
-                self.store.path(memory).parent.mkdir(parents=True, exist_ok=True)
-                save_file({"features": select_memory(features, self.memory_config).contiguous()},
-                          str(self.store.path(memory)))
-                switch, switch_path = self._retrain_switch(task.name, features)
+                adapter = self._save_training_adapter(task.name)
+                memory = self._save_memory(task.name, features)
                 entry = {"name": task.name, "adapter": adapter, "memory": memory, "examples": len(task.examples),
                          "memory_size": self.memory_config.size_for(len(features)), "steps": stats["steps"],
                          "final_loss": round(stats["final_loss"], 4), "lora": config.to_dict(),
                          "learned_at": now()}
                 others = [t for t in self.tasks if t["name"] != task.name]
-                manifest = dict(self.manifest, tasks=[*others, entry], switch=switch_path,
-                                generation=self.manifest.get("generation", 0) + 1)
-                self.store.commit(manifest)
-                self.manifest = manifest
+                switch, switch_path = self._commit([*others, entry], {task.name: features})
             self._load_adapter(task.name, adapter)
         finally:
             self._drop_training_adapter()
@@ -214,15 +212,19 @@ class ContinualModel:
         return entry
 
     def _drop_training_adapter(self) -> None:
-        if _TRAINING not in self._peft.peft_config:
-            return
-        if len(self._peft.peft_config) == 1:  # nothing else learned in this process: back to the bare model
+        if _TRAINING in self._peft.peft_config:
+            self._remove_adapter(_TRAINING)
+
+    def _remove_adapter(self, name: str) -> None:
+        """Delete one adapter from memory; the last one going returns the bare base model."""
+        self._loaded.pop(name, None)
+        if len(self._peft.peft_config) == 1:
             self._model = self._peft.unload()
             self._wrap(None)
             return
         with warnings.catch_warnings():  # PEFT warns when the active adapter goes; another is set below
             warnings.simplefilter("ignore")
-            self._peft.delete_adapter(_TRAINING)
+            self._peft.delete_adapter(name)
         self._peft.set_adapter(next(iter(self._peft.peft_config)))
         self._peft.requires_grad_(False)
 
@@ -237,27 +239,73 @@ class ContinualModel:
                 "memory": {"fraction": self.memory_config.fraction, "min_per_task": self.memory_config.min_per_task},
                 "tasks": [], "switch": None, "generation": 0}
 
-    def _retrain_switch(self, new_task: str, new_features: torch.Tensor) -> tuple[Switch, str]:
+    def _save_training_adapter(self, task: str) -> str:
+        """Write the just-trained adapter as a plain PEFT folder at a fresh store path."""
+        adapter = self.store.fresh("adapters", task)
+        staging = self.store.path(adapter) / "_staging"
+        self._peft.save_pretrained(str(staging), selected_adapters=[_TRAINING])
+        for item in (staging / _TRAINING).iterdir():
+            item.rename(self.store.path(adapter) / item.name)
+        _rmtree(staging)
+        return adapter
+
+    def _save_memory(self, task: str, features: torch.Tensor) -> str:
+        """The retained features (a seeded sample) and the task's region, fitted once on all its features."""
+        import torch
+        from safetensors.torch import save_file
+
+        centroid, radius = fit_region(features, self.false_rejection, self.memory_config.seed)
+        memory = self.store.fresh("memory", task, ".safetensors")
+        self.store.path(memory).parent.mkdir(parents=True, exist_ok=True)
+        save_file({"features": select_memory(features, self.memory_config).contiguous(),
+                   "centroid": centroid.contiguous(), "radius": torch.tensor([radius])}, str(self.store.path(memory)))
+        return memory
+
+    def _commit(self, tasks: list[dict], full_features: dict[str, torch.Tensor]) -> tuple[Switch | None, str | None]:
+        """Retrain the switch for `tasks` (memory, or all features where given) and commit the new manifest."""
         from safetensors.torch import load_file
 
-        by_task = {t["name"]: load_file(str(self.store.path(t["memory"])))["features"]
-                   for t in self.tasks if t["name"] != new_task}
-        by_task[new_task] = new_features
-        switch = train_switch(by_task, self.switch_config)
-        path = self.store.fresh("switch", f"v{self.manifest.get('generation', 0) + 1}")
-        switch.save(self.store.path(path))
+        by_task, regions = {}, {}
+        for t in tasks:
+            stored = load_file(str(self.store.path(t["memory"])))
+            by_task[t["name"]] = full_features.get(t["name"], stored["features"])
+            regions[t["name"]] = (stored["centroid"], stored["radius"].item())
+        generation = self.manifest.get("generation", 0) + 1
+        switch, path = None, None
+        if tasks:
+            switch = train_switch(by_task, regions, self.switch_config)
+            path = self.store.fresh("switch", f"v{generation}")
+            switch.save(self.store.path(path))
+        manifest = dict(self.manifest, tasks=tasks, switch=path, generation=generation)
+        self.store.commit(manifest)
+        self.manifest = manifest
         return switch, path
+
+    def forget(self, name: str) -> None:
+        """Remove a task: its adapter, its memory and its class in the switch (retrained without it), atomically."""
+        with self.store.lock():
+            self.manifest = self.store.read()
+            if name not in self.task_names:
+                raise SwitchcitError(f"task '{name}' is not in store {self.store.root}: known are {self.task_names}")
+            self._commit([t for t in self.tasks if t["name"] != name], {})
+        self._sync_loaded()
 
     # -- inference -------------------------------------------------------------------------------
 
     def route(self, prompts: list[str]) -> list[Route]:
-        """The task (and switch confidence) for each raw prompt; 'base' when nothing is learned yet."""
+        """The task (and switch confidence) for each raw prompt.
+
+        'base' (confidence None) when nothing is learned yet, or, with fallback on, when the prompt lies
+        outside the region of the task the switch picked: a request of no known task gets the base model.
+        """
         if not prompts:
             return []
         if self.switch is None:
             return [Route(BASE, None) for _ in prompts]
-        labels, confidences = self.switch.predict(self.encoder.encode(prompts))
-        return [Route(t, c) for t, c in zip(labels, confidences)]
+        features = self.encoder.encode(prompts)
+        labels, confidences = self.switch.predict(features)
+        known = self.switch.known(features, labels) if self.fallback else [True] * len(labels)
+        return [Route(t, c) if k else Route(BASE, None) for t, c, k in zip(labels, confidences, known)]
 
     def generate(self, prompts: list[str], max_new_tokens: int = 64, batch_size: int = 16,
                  tasks: list[str] | None = None) -> list[Generation]:
@@ -270,6 +318,7 @@ class ContinualModel:
                       batch_size: int = 16) -> list[str]:
         """Greedy answers, each prompt with its task's adapter ('base': none); one batch mixes adapters."""
         import torch
+        from tqdm.auto import tqdm
 
         unknown = sorted(set(tasks) - set(self.task_names) - {BASE})
         if unknown:
@@ -279,7 +328,9 @@ class ContinualModel:
         encoded = [encode_prompt(tokenizer, p) for p in prompts]
         order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
         outputs: list[str] = [""] * len(prompts)
-        for start in range(0, len(order), batch_size):
+        starts = range(0, len(order), batch_size)
+        quiet = not self.progress or len(starts) < 2
+        for start in tqdm(starts, desc="generate", unit="batch", leave=False, disable=quiet):
             rows = order[start:start + batch_size]
             width = max(len(encoded[i]) for i in rows)
             ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)

@@ -139,6 +139,29 @@ def select_memory(features: torch.Tensor, config: MemoryConfig) -> torch.Tensor:
     return features[keep.sort().values].clone()
 
 
+def fit_region(features: torch.Tensor, false_rejection: float = 0.02, seed: int = 0) -> tuple[torch.Tensor, float]:
+    """A task's region for spotting requests of no known task: centroid and cosine-distance radius.
+
+    The centroid comes from 80% of the task's features; the radius is the (1 - false_rejection) quantile
+    of the other 20%'s distances to it, so about that share of the task's own prompts would be rejected.
+    """
+    import torch
+
+    order = torch.randperm(len(features), generator=torch.Generator().manual_seed(seed))
+    held = max(1, len(features) // 5) if len(features) > 1 else 0
+    fit, check = features[order[held:]], features[order[:held]] if held else features
+    centroid = fit.float().mean(dim=0)
+    radius = torch.quantile(cosine_distance(check, centroid[None])[:, 0], 1.0 - false_rejection).item()
+    return centroid, radius
+
+
+def cosine_distance(features: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """[n, k] distances 1 - cos between rows of features and rows of centroids."""
+    import torch.nn.functional as F
+
+    return 1.0 - F.normalize(features.float(), dim=-1) @ F.normalize(centroids.float(), dim=-1).T
+
+
 @dataclass
 class SwitchConfig:
     hidden: int = 200
@@ -162,6 +185,8 @@ class Switch:
         self.net = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, len(labels)))
         self.mean = torch.zeros(dim)
         self.std = torch.ones(dim)
+        self.centroids = torch.zeros(len(labels), dim)
+        self.radii = torch.full((len(labels),), float("inf"))
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         return self.net((features - self.mean) / self.std)
@@ -174,12 +199,19 @@ class Switch:
         confidence, index = probs.max(dim=-1)
         return [self.labels[i] for i in index.tolist()], confidence.tolist()
 
+    def known(self, features: torch.Tensor, labels: list[str]) -> list[bool]:
+        """Whether each feature lies inside the region of the task it was routed to."""
+        index = [self.labels.index(t) for t in labels]
+        distance = cosine_distance(features, self.centroids[index]).diagonal()
+        return (distance <= self.radii[index]).tolist()
+
     def save(self, folder: Path) -> None:
         from safetensors.torch import save_file
 
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {f"net.{k}": v.contiguous() for k, v in self.net.state_dict().items()}
-        tensors.update(mean=self.mean.contiguous(), std=self.std.contiguous())
+        tensors.update(mean=self.mean.contiguous(), std=self.std.contiguous(), centroids=self.centroids.contiguous(),
+                       radii=self.radii.contiguous())
         save_file(tensors, str(folder / "switch.safetensors"))
         meta = {"labels": self.labels, "dim": self.dim, "hidden": self.hidden}
         (folder / "switch.json").write_text(json.dumps(meta, indent=2))
@@ -193,11 +225,16 @@ class Switch:
         tensors = load_file(str(folder / "switch.safetensors"))
         switch.net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
         switch.mean, switch.std = tensors["mean"], tensors["std"]
+        switch.centroids, switch.radii = tensors["centroids"], tensors["radii"]
         return switch
 
 
-def train_switch(features_by_task: dict[str, torch.Tensor], config: SwitchConfig | None = None) -> Switch:
-    """Fit a fresh switch; classes are weighted by inverse frequency, since memory is tiny next to a new task."""
+def train_switch(features_by_task: dict[str, torch.Tensor], regions: dict[str, tuple[torch.Tensor, float]],
+                 config: SwitchConfig | None = None) -> Switch:
+    """Fit a fresh switch; classes are weighted by inverse frequency, since memory is tiny next to a new task.
+
+    `regions` gives each task's (centroid, radius) from `fit_region`, fitted once on all its features.
+    """
     import torch
 
     config = config or SwitchConfig()
@@ -207,6 +244,8 @@ def train_switch(features_by_task: dict[str, torch.Tensor], config: SwitchConfig
     torch.manual_seed(config.seed)
     switch = Switch(labels, x.shape[1], config.hidden)
     switch.mean, switch.std = x.mean(dim=0), x.std(dim=0, unbiased=False).clamp_min(1e-6)
+    switch.centroids = torch.stack([regions[t][0].float() for t in labels])
+    switch.radii = torch.tensor([float(regions[t][1]) for t in labels])
     counts = torch.bincount(y, minlength=len(labels)).float()
     loss_fn = torch.nn.CrossEntropyLoss(weight=counts.sum() / (len(labels) * counts))
     optimizer = torch.optim.AdamW(switch.net.parameters(), lr=config.learning_rate,

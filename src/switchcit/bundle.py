@@ -1,0 +1,94 @@
+"""Portable bundles: a store as one tar file with checksums, verified and sandboxed on import."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tarfile
+import uuid
+from pathlib import Path, PurePosixPath
+
+from .errors import SwitchcitError
+from .store import MANIFEST, Store, live_paths
+
+CHECKSUMS = "checksums.json"
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def export_store(root: str | Path, out: str | Path) -> dict:
+    """Write the store's live files (manifest, adapters, switch, memory) and their SHA-256 to a tar file."""
+    store, out = Store(root), Path(out)
+    with store.lock():  # a consistent snapshot: no learn commits while we read
+        manifest = store.read()
+        files = [MANIFEST]
+        for relative in live_paths(manifest):
+            path = store.path(relative)
+            files += [str(p.relative_to(store.root)) for p in sorted(path.rglob("*")) if p.is_file()] \
+                if path.is_dir() else [relative]
+        contents = {name: store.path(name).read_bytes() for name in files}
+    checksums = {name: _sha256(data) for name, data in contents.items()}
+    staging = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with tarfile.open(staging, "w") as tar:
+            for name, data in [(CHECKSUMS, json.dumps(checksums, indent=2).encode()), *contents.items()]:
+                info = tarfile.TarInfo(name)
+                info.size, info.mode = len(data), 0o644
+                tar.addfile(info, io.BytesIO(data))
+        os.replace(staging, out)
+    finally:
+        staging.unlink(missing_ok=True)
+    return {"files": len(contents), "bytes": sum(len(d) for d in contents.values()), "tasks": len(manifest["tasks"])}
+
+
+def _safe_name(name: str) -> bool:
+    path = PurePosixPath(name)
+    return bool(name) and not path.is_absolute() and ".." not in path.parts and "\\" not in name
+
+
+def import_bundle(bundle: str | Path, root: str | Path) -> dict:
+    """Unpack a bundle into a new store folder; refuse links, escaping paths, and any checksum mismatch."""
+    bundle, root = Path(bundle), Path(root)
+    if not bundle.is_file():
+        raise SwitchcitError(f"bundle not found: {bundle}")
+    if root.exists() and any(root.iterdir()):
+        raise SwitchcitError(f"{root} is not empty: import into a new folder")
+    try:
+        with tarfile.open(bundle, "r") as tar:
+            members = tar.getmembers()
+            for m in members:
+                if not (m.isfile() or m.isdir()) or not _safe_name(m.name):
+                    raise SwitchcitError(f"bundle {bundle} holds '{m.name}', a link or a path outside the store: "
+                                         "refusing it")
+            files = {m.name: tar.extractfile(m).read() for m in members if m.isfile()}
+    except tarfile.TarError as exc:
+        raise SwitchcitError(f"{bundle} is not a readable tar bundle ({exc})") from None
+    try:
+        checksums = json.loads(files.pop(CHECKSUMS))
+    except (KeyError, ValueError):
+        raise SwitchcitError(f"bundle {bundle} has no valid {CHECKSUMS}: use `switchcit export`") from None
+    if set(files) != set(checksums):
+        raise SwitchcitError(f"bundle {bundle} does not match its checksum list (extra or missing files): refusing it")
+    for name, data in files.items():
+        if _sha256(data) != checksums[name]:
+            raise SwitchcitError(f"bundle {bundle} is damaged or tampered: checksum of {name} does not match")
+    staging = root.with_name(f".{root.name}.import-{uuid.uuid4().hex[:8]}")
+    try:
+        for name, data in files.items():
+            (staging / name).parent.mkdir(parents=True, exist_ok=True)
+            (staging / name).write_bytes(data)
+        manifest = Store(staging).read()
+        missing = [p for p in live_paths(manifest) if not (staging / p).exists()]
+        if missing:
+            raise SwitchcitError(f"bundle {bundle} lacks files its manifest names ({missing[0]}): refusing it")
+        if root.exists():
+            root.rmdir()
+        os.rename(staging, root)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return manifest
