@@ -128,8 +128,9 @@ def cmd_learn(args) -> None:
                         dtype=args.dtype, progress=not args.quiet, expert_config=expert,
                         memory_config=MemoryConfig(args.memory_fraction, args.memory_min, args.seed))
     entry = cm.learn(task, replace=args.replace)
-    print(f"learned task '{entry['name']}' ({entry['examples']} examples, {entry['steps']} steps, "
-          f"loss {entry['final_loss']}); store {args.store} now has {len(cm.tasks)} task(s)")
+    if "rank" not in entry:
+        print(f"learned task '{entry['name']}' ({entry['examples']} examples, {entry['steps']} steps, "
+              f"loss {entry['final_loss']}); store {args.store} now has {len(cm.tasks)} task(s)")
 
 
 def cmd_route(args) -> None:

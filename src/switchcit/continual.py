@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from .data import Task, encode_prompt
 from .errors import SwitchcitError
-from .experts import ExpertConfig, train_expert
+from .experts import ExpertConfig, data_parallel, train_expert
 from .models import DEFAULT_MODEL, fingerprint, load_base_model, resolve_device, same_model
 from .store import Store, now
 from .switch import (
@@ -177,6 +177,7 @@ class ContinualModel:
 
         Nothing in the store changes until the final atomic commit; an interrupted call leaves it as it was.
         """
+        import torch
         from peft import get_peft_model
 
         config = expert_config or self.expert_config
@@ -185,7 +186,9 @@ class ContinualModel:
             raise SwitchcitError(f"task '{task.name}' needs examples with outputs (missing at rows {missing[:5]})")
         self._check_new_name(task.name, replace)
         self._load_base()
-        features = self.encoder.encode(task.prompts)
+        rank, _ = data_parallel()
+        features = self.encoder.encode(task.prompts) if rank == 0 else None
+        torch.manual_seed(config.seed)  # LoRA A matrices are initialised at random: same seed, same adapter
         if self._peft is None:
             self._wrap(get_peft_model(self._model, config.lora(), adapter_name=_TRAINING))
         else:
@@ -193,6 +196,8 @@ class ContinualModel:
         try:
             stats = train_expert(self._peft, _TRAINING, task.examples, self.tokenizer, config,
                                  progress=self.progress, desc=f"learn {task.name}")
+            if rank > 0:  # data-parallel helpers train; only the first process writes the store
+                return {"name": task.name, "rank": rank, **stats}
             with self.store.lock():
                 self.manifest = self.store.read() if self.store.exists() else self._new_manifest(features.shape[1])
                 self._check_new_name(task.name, replace)

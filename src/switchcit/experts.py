@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import os
 import random
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 from .data import Example, encode_answer, encode_prompt
+from .errors import SwitchcitError
 
 if TYPE_CHECKING:
     import torch
@@ -71,15 +73,31 @@ def collate(rows: list[tuple[list, list]], pad_id: int) -> dict[str, torch.Tenso
     return {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "labels": labels}
 
 
-def answer_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean cross-entropy over answer tokens, computing the LM head only over the answer tail (~20% less work)."""
+def answer_loss(model, batch: dict[str, torch.Tensor], normalizer: int | None = None) -> torch.Tensor:
+    """Cross-entropy summed over answer tokens / `normalizer` (default: their count, i.e. the mean).
+
+    The LM head runs only over the answer tail (~20% less work on a small model). Data-parallel ranks pass
+    the whole batch's token count, so their summed gradients equal one process's.
+    """
     import torch.nn.functional as F
 
     labels = batch["labels"]
     tail = int((labels != -100).sum(dim=1).max())
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     logits = model(**inputs, logits_to_keep=tail + 1).logits[:, :-1]
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels[:, -tail:].flatten(), ignore_index=-100)
+    total = F.cross_entropy(logits.flatten(0, 1).float(), labels[:, -tail:].flatten(), ignore_index=-100,
+                            reduction="sum")
+    return total / (normalizer if normalizer is not None else int((labels != -100).sum()))
+
+
+def data_parallel() -> tuple[int, int]:
+    """(rank, world size). Under `accelerate launch` or torchrun this joins the process group (gloo on CPU)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1
+    from accelerate import PartialState
+
+    state = PartialState()
+    return state.process_index, state.num_processes
 
 
 def batches(n_rows: int, batch_size: int, steps: int, seed: int):
@@ -104,12 +122,21 @@ def train_expert(
     progress: bool = True,
     desc: str | None = None,
 ) -> dict:
-    """Train `adapter_name` (already added to `model`) on `examples`; every other weight stays frozen."""
+    """Train `adapter_name` (already added to `model`) on `examples`; every other weight stays frozen.
+
+    With several processes each takes its share of every batch and gradients are summed, so the adapter
+    matches a single process's with the same batch size.
+    """
     import torch
+    import torch.distributed as dist
     from tqdm.auto import tqdm
 
     torch.manual_seed(config.seed)
+    rank, world = data_parallel()
+    if config.batch_size < world:
+        raise SwitchcitError(f"batch size {config.batch_size} is smaller than {world} processes: raise --batch-size")
     rows = [tokenize_example(tokenizer, e, config.max_length) for e in examples]
+    answer_tokens = [sum(label != -100 for label in labels) for _, labels in rows]
     steps = config.steps_for(len(rows))
     model.set_adapter(adapter_name)
     params = []
@@ -125,12 +152,18 @@ def train_expert(
     device = next(model.parameters()).device
     model.train()
     losses = []
-    bar = tqdm(total=steps, desc=desc or f"learn {adapter_name}", disable=not progress, unit="step")
+    bar = tqdm(total=steps, desc=desc or f"learn {adapter_name}", disable=not progress or rank > 0, unit="step")
     try:
         for indices in batches(len(rows), config.batch_size, steps, config.seed):
-            batch = {k: v.to(device) for k, v in collate([rows[i] for i in indices], tokenizer.pad_token_id).items()}
-            loss = answer_loss(model, batch)
+            mine = indices[rank::world]
+            batch = {k: v.to(device) for k, v in collate([rows[i] for i in mine], tokenizer.pad_token_id).items()}
+            loss = answer_loss(model, batch, normalizer=sum(answer_tokens[i] for i in indices))
             loss.backward()
+            if world > 1:
+                for param in params:
+                    dist.all_reduce(param.grad)
+                loss = loss.detach()
+                dist.all_reduce(loss)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             schedule.step()
