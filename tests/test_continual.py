@@ -125,3 +125,25 @@ def test_base_model_encoder(tmp_path, tiny_model, stream):
     torch.testing.assert_close(before, after)
     assert json.loads((tmp_path / "s" / "manifest.json").read_text())["encoder"]["reference"] == "base"
     assert snapshot(tmp_path / "s")
+
+
+def test_fast_mixed_path_matches_peft(trained_store, stream):
+    """The batched (BGMV-style) path gives PEFT's logits and PEFT's generations."""
+    from switchcit.mixed import MixedLoRA
+
+    cm = ContinualModel(trained_store, progress=False)
+    cm.load_adapters()
+    names = [test.name for _, test in stream] * 2 + ["__base__", stream[0][0].name]
+    prompts = [test.prompts[i] for i in range(2) for _, test in stream] + [stream[1][1].prompts[5]] * 2
+    batch = cm.tokenizer(prompts, return_tensors="pt", padding=True)
+    assert MixedLoRA.supports(cm.model, cm.task_names)
+    mixed = MixedLoRA(cm.model, cm.task_names)
+    with torch.no_grad():
+        reference = cm.model(**batch, adapter_names=names).logits
+        with mixed.rows(names):
+            fast = cm.model(**batch).logits
+    torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-4)
+    tasks = [n if n != "__base__" else BASE for n in names]
+    fast_out = cm.generate_with(prompts, tasks, max_new_tokens=10)
+    cm.fast_mixed = False
+    assert cm.generate_with(prompts, tasks, max_new_tokens=10) == fast_out

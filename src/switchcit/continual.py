@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -10,6 +12,7 @@ from typing import TYPE_CHECKING
 from .data import Task, encode_prompt
 from .errors import SwitchcitError
 from .experts import ExpertConfig, data_parallel, train_expert
+from .mixed import MixedLoRA
 from .models import DEFAULT_MODEL, fingerprint, load_base_model, resolve_device, same_model
 from .store import Store, now
 from .switch import (
@@ -73,6 +76,9 @@ class ContinualModel:
         self.switch_config = switch_config or SwitchConfig()
         self.progress = progress
         self.fallback = fallback
+        self.fast_mixed = True  # batched multi-adapter LoRA (mixed.py); False: PEFT's adapter_names path
+        self._mixed: MixedLoRA | None = None
+        self._mixed_key: tuple = ()
         self.false_rejection = false_rejection
         self._model = self._tokenizer = self._peft = self._encoder = None
         self._switch: Switch | None = None
@@ -320,7 +326,7 @@ class ContinualModel:
         return [Generation(p, r.task, r.confidence, o) for p, r, o in zip(prompts, routes, outputs)]
 
     def generate_with(self, prompts: list[str], tasks: list[str], max_new_tokens: int = 64,
-                      batch_size: int = 16) -> list[str]:
+                      batch_size: int = 16, min_new_tokens: int = 0) -> list[str]:
         """Greedy answers, each prompt with its task's adapter ('base': none); one batch mixes adapters."""
         import torch
         from tqdm.auto import tqdm
@@ -343,17 +349,44 @@ class ContinualModel:
             for r, i in enumerate(rows):
                 ids[r, width - len(encoded[i]):] = torch.tensor(encoded[i])
                 mask[r, width - len(encoded[i]):] = 1
-            kwargs = {}
-            if self._peft is not None:
-                kwargs["adapter_names"] = [_PEFT_BASE if tasks[i] == BASE else tasks[i] for i in rows]
-            with torch.no_grad():
+            names = [_PEFT_BASE if tasks[i] == BASE else tasks[i] for i in rows]
+            with torch.no_grad(), self._adapters_for(names) as kwargs:
                 out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                          max_new_tokens=max_new_tokens, do_sample=False,
+                                          max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                                          do_sample=False,
                                           pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                                           **kwargs)
             for r, i in enumerate(rows):
                 outputs[i] = tokenizer.decode(out[r, width:], skip_special_tokens=True).strip()
         return outputs
+
+
+    @contextmanager
+    def _adapters_for(self, names: list[str]) -> Iterator[dict]:
+        """Make row i of the next forward passes use adapter names[i]: the batched fast path when the adapters
+        allow it (`fast_mixed`), else PEFT's mixed-adapter batches; yields extra `generate` kwargs."""
+        if self._peft is None or set(names) == {_PEFT_BASE}:
+            with self._peft.disable_adapter() if self._peft is not None else nullcontext():
+                yield {}
+            return
+        if len(set(names)) == 1:  # one adapter for the whole batch: PEFT's own single-adapter path
+            self._peft.set_adapter(names[0])
+            self._peft.requires_grad_(False)
+            yield {}
+            return
+        if not self.fast_mixed:
+            yield {"adapter_names": names}
+            return
+        key = tuple(self._loaded.items())  # rebuilt whenever an adapter is added, replaced or removed
+        if self._mixed_key != key:
+            loaded = list(self._loaded)
+            self._mixed = MixedLoRA(self._peft, loaded) if MixedLoRA.supports(self._peft, loaded) else None
+            self._mixed_key = key
+        if self._mixed is None:
+            yield {"adapter_names": names}
+            return
+        with self._mixed.rows(names):
+            yield {}
 
 
 def _absolute_if_local(reference: str) -> str:
