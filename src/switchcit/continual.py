@@ -76,10 +76,10 @@ class ContinualModel:
         self.switch_config = switch_config or SwitchConfig()
         self.progress = progress
         self.fallback = fallback
+        self.false_rejection = false_rejection
         self.fast_mixed = True  # batched multi-adapter LoRA (mixed.py); False: PEFT's adapter_names path
         self._mixed: MixedLoRA | None = None
         self._mixed_key: tuple = ()
-        self.false_rejection = false_rejection
         self._model = self._tokenizer = self._peft = self._encoder = None
         self._switch: Switch | None = None
         self._switch_path: str | None = None
