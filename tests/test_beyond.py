@@ -9,10 +9,9 @@ from conftest import run_cli, snapshot
 
 from switchcit import BASE, ContinualModel, Store, SwitchcitError
 from switchcit.bundle import export_store, import_bundle
+from switchcit.demo import UNRELATED
 
-UNKNOWN = ["What is the capital of France?", "Write a haiku about autumn rain.",
-           "Translate 'good morning' into German.", "How do I boil an egg?",
-           "Explain the theory of relativity in simple terms.", "Give me three tips for better sleep."]
+UNKNOWN = UNRELATED
 
 
 def test_unknown_requests_go_to_base(trained_store, stream):

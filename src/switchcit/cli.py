@@ -7,6 +7,8 @@ import json
 import sys
 
 from .errors import SwitchcitError
+from .serve import add_parser as add_serve_parser
+from .serve import cmd_serve
 
 
 def _model_options(p: argparse.ArgumentParser) -> None:
@@ -81,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-examples", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
     _model_options(p)
+
+    add_serve_parser(sub)
     return parser
 
 
@@ -198,7 +202,7 @@ def cmd_demo(args) -> None:
 
 
 COMMANDS = {"learn": cmd_learn, "route": cmd_route, "generate": cmd_generate, "tasks": cmd_tasks,
-            "forget": cmd_forget, "export": cmd_export, "import": cmd_import, "demo": cmd_demo}
+            "forget": cmd_forget, "export": cmd_export, "import": cmd_import, "serve": cmd_serve, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

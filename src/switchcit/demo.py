@@ -40,6 +40,24 @@ TASKS: dict[str, tuple[list[str], Callable[[list[str]], str]]] = {
 }
 
 
+# Requests of tasks the demo never learns: near ones (word lists, other transformations) and far ones.
+UNSEEN_WORDINGS = ["Sort these words alphabetically.", "Put the words below in alphabetical order.",
+                   "How many words are there?", "Count the words below."]
+UNRELATED = [
+    "What is the capital of France?", "Write a haiku about autumn rain.", "Translate 'good morning' into German.",
+    "How do I boil an egg?", "Explain the theory of relativity in simple terms.", "Summarize Romeo and Juliet.",
+    "Give me three tips for better sleep.", "What is 17 times 23?", "Suggest a name for a black cat.",
+    "Why is the sky blue?",
+]
+
+
+def unseen_prompts(n: int = 40, seed: int = 1) -> list[str]:
+    """Prompts of no demo task: `n` word-list requests of other transformations, plus unrelated questions."""
+    rng = random.Random(seed)
+    near = [make_prompt(rng.choice(UNSEEN_WORDINGS), " ".join(rng.sample(WORDS, rng.randint(3, 4)))) for _ in range(n)]
+    return near + UNRELATED
+
+
 def demo_stream(n_train: int = 200, n_test: int = 40, seed: int = 0) -> list[tuple[Task, Task]]:
     """(train, test) per task, in learning order; deterministic for a seed."""
     rng = random.Random(seed)
@@ -93,12 +111,17 @@ def run_demo(store: str | Path | None = None, model: str | None = None, steps: i
         answers = cm.generate(test.prompts, max_new_tokens)
         rows[test.name]["final"] = exact_match([a.output for a in answers], [e.output for e in test.examples])
         rows[test.name]["routing"] = 100.0 * sum(a.task == test.name for a in answers) / len(answers)
+    known = [r.task == BASE for _, test in stream for r in cm.route(test.prompts)]
+    unknown = [r.task == BASE for r in cm.route(unseen_prompts())]
     seconds = time.perf_counter() - started
     out(format_table(rows))
+    out(f"fallback to the base model: {100.0 * sum(unknown) / len(unknown):.0f}% of {len(unknown)} prompts of "
+        f"never-learned tasks, {100.0 * sum(known) / len(known):.1f}% of {len(known)} held-out learned-task prompts")
     out(f"total wall time: {seconds:.0f} s")
     if tmp is not None:
         tmp.cleanup()
-    return {"tasks": rows, "seconds": seconds}
+    return {"tasks": rows, "seconds": seconds, "fallback_unknown": sum(unknown) / len(unknown),
+            "fallback_known": sum(known) / len(known)}
 
 
 def format_table(rows: dict[str, dict]) -> str:

@@ -53,6 +53,7 @@ class ServeConfig:
     model: str | None = None
     device: str | None = None
     dtype: str | None = None
+    fallback: bool = True
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
@@ -148,7 +149,7 @@ class Engine:
         self.metrics = metrics
         self.generates = config.upstream is None
         self.cm = ContinualModel(config.store, base_model=config.model, device=config.device, dtype=config.dtype,
-                                 progress=False)
+                                 progress=False, fallback=config.fallback)
         self.cm.store.read()  # a clear error now if the store is missing or corrupt
         self._stamp = self._manifest_stamp()
         self._next_poll = time.monotonic() + POLL_SECONDS
@@ -500,7 +501,11 @@ class Upstream:
         async def one(body: dict) -> dict:
             response = await self._send(ask, body)
             await response.aread()
-            return response.json()
+            try:
+                return response.json()
+            except ValueError:
+                raise ApiError(502, f"upstream answered invalid JSON: {response.text[:200]}",
+                               "upstream_error") from None
 
         results = await asyncio.gather(*(one(b) for b in self._bodies(ask, routes)))
         choices = [dict(c, index=i) for i, r in enumerate(results) for c in r.get("choices", [])[:1]]
@@ -728,6 +733,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="API key for the upstream (default: $SWITCHCIT_UPSTREAM_API_KEY)")
     p.add_argument("--print-vllm-command", action="store_true",
                    help="print the `vllm serve` command that serves this store's adapters, then exit")
+    p.add_argument("--no-fallback", action="store_true",
+                   help="always use the nearest task's adapter, even for prompts unlike every learned task")
     p.add_argument("--model", default=None, help="base model (default: the store's)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -742,11 +749,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="switchcit: %(message)s")
-    config = ServeConfig(store=args.store, model=args.model, device=args.device, dtype=args.dtype, host=args.host,
-                         port=args.port, api_key=args.api_key, max_batch_size=args.max_batch_size,
-                         max_wait_ms=args.max_wait_ms, max_tokens=args.max_tokens,
+    config = ServeConfig(store=args.store, model=args.model, device=args.device, dtype=args.dtype,
+                         fallback=not args.no_fallback, host=args.host, port=args.port, api_key=args.api_key,
+                         max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, max_tokens=args.max_tokens,
                          max_prompt_chars=args.max_prompt_chars, upstream=args.upstream,
                          upstream_base_model=args.upstream_base_model, upstream_api_key=args.upstream_api_key)
+    if not config.api_key and config.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("listening on %s without --api-key: anyone who can reach it can use it", config.host)
     app = create_app(config)
     mode = f"routing to {config.upstream}" if config.upstream else "generating"
     log.info("serving store %s (%d tasks, %s) on http://%s:%d/v1", config.store, len(app.state.engine.cm.task_names),

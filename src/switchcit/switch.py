@@ -139,20 +139,23 @@ def select_memory(features: torch.Tensor, config: MemoryConfig) -> torch.Tensor:
     return features[keep.sort().values].clone()
 
 
-def fit_region(features: torch.Tensor, false_rejection: float = 0.02, seed: int = 0) -> tuple[torch.Tensor, float]:
+def fit_region(features: torch.Tensor, false_rejection: float = 0.02, seed: int = 0,
+               folds: int = 5) -> tuple[torch.Tensor, float]:
     """A task's region for spotting requests of no known task: centroid and cosine-distance radius.
 
-    The centroid comes from 80% of the task's features; the radius is the (1 - false_rejection) quantile
-    of the other 20%'s distances to it, so about that share of the task's own prompts would be rejected.
+    Every feature is held out once (k-fold): its distance is taken to the centroid of the other folds.
+    The radius is the (1 - false_rejection) quantile of those held-out distances, so about that share
+    of the task's own new prompts falls outside it.
     """
     import torch
 
     order = torch.randperm(len(features), generator=torch.Generator().manual_seed(seed))
-    held = max(1, len(features) // 5) if len(features) > 1 else 0
-    fit, check = features[order[held:]], features[order[:held]] if held else features
-    centroid = fit.float().mean(dim=0)
-    radius = torch.quantile(cosine_distance(check, centroid[None])[:, 0], 1.0 - false_rejection).item()
-    return centroid, radius
+    held_out = []
+    for fold in order.tensor_split(min(folds, len(features))):
+        rest = features[order[~torch.isin(order, fold)]] if len(features) > 1 else features
+        held_out.append(cosine_distance(features[fold], rest.float().mean(dim=0, keepdim=True))[:, 0])
+    radius = torch.quantile(torch.cat(held_out), 1.0 - false_rejection).item()
+    return features.float().mean(dim=0), radius
 
 
 def cosine_distance(features: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
