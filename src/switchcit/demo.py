@@ -83,7 +83,7 @@ def exact_match(predictions: list[str], references: list[str]) -> float:
 
 def run_demo(store: str | Path | None = None, model: str | None = None, steps: int = 30,
              n_train: int = 200, n_test: int = 30, seed: int = 0, device: str | None = None,
-             max_new_tokens: int = 24, progress: bool = True, out=print) -> dict:
+             max_new_tokens: int = 16, progress: bool = True, out=print) -> dict:
     """Learn the demo stream in order; report base / just-learned / final scores and switch accuracy."""
     from .continual import BASE, ContinualModel
     from .experts import ExpertConfig
