@@ -10,10 +10,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from switchcit import ContinualModel, ExpertConfig, Task
 from switchcit.demo import demo_stream
 from switchcit.testing import build_tiny_model
+
+# Tiny models gain nothing from threads, and spinning OpenMP threads of parallel processes on 2 cores slow
+# everything down many times over: one thread here and in every subprocess the tests start.
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 
 TINY_EXPERT = ExpertConfig(learning_rate=1e-2, max_steps=25, epochs=100, batch_size=8)
 

@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from .bench import add_parser as add_bench_parser
+from .bench import cmd_bench
 from .errors import SwitchcitError
 from .serve import add_parser as add_serve_parser
 from .serve import cmd_serve
@@ -85,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(p)
 
     add_serve_parser(sub)
+    add_bench_parser(sub)
     return parser
 
 
@@ -202,7 +205,8 @@ def cmd_demo(args) -> None:
 
 
 COMMANDS = {"learn": cmd_learn, "route": cmd_route, "generate": cmd_generate, "tasks": cmd_tasks,
-            "forget": cmd_forget, "export": cmd_export, "import": cmd_import, "serve": cmd_serve, "demo": cmd_demo}
+            "forget": cmd_forget, "export": cmd_export, "import": cmd_import, "serve": cmd_serve, "bench": cmd_bench,
+            "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

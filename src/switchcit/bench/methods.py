@@ -1,0 +1,293 @@
+"""The compared methods. Each has `learn(task)` and `generate(prompts)`, on the same base model and budget.
+
+Every method keeps what it needs to resume under its own folder: SwitchCIT its store, the others a
+checkpoint of their weights after each learned task. Generations go through the shared cache, keyed
+by the weights that produced them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..continual import BASE, ContinualModel
+from ..data import Example, Task, encode_prompt
+from ..errors import SwitchcitError
+from ..experts import ExpertConfig, answer_loss, batches, collate, tokenize_example, train_expert
+from ..models import load_base_model
+from .cache import GenerationCache, Request
+from .files import write_json
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+METHODS = ("switchcit", "oracle", "seqlora", "replay_0.01", "replay_1", "multitask", "seqft", "zeroshot")
+REPLAY_PERCENT = {"replay_0.01": 0.01, "replay_1": 1.0}
+
+
+@dataclass
+class Setup:
+    """What every method shares: base model, training budget, generation settings, the run folder."""
+
+    out: Path
+    model: str
+    expert: ExpertConfig
+    cache: GenerationCache
+    max_new_tokens: int
+    device: str | None = None
+    progress: bool = True
+    labels: dict[str, str] = field(default_factory=dict)  # prompt -> true task, for the oracle
+    full_learning_rate: float | None = None  # seqft's rate; None: the experts' rate
+
+
+def generate_batch(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
+                   max_new_tokens: int) -> list[str]:
+    """Greedy answers to one left-padded batch, prompts in the chat format used for training."""
+    import torch
+
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    width = max(len(e) for e in encoded)
+    ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, e in enumerate(encoded):
+        ids[row, width - len(e):] = torch.tensor(e)
+        mask[row, width - len(e):] = 1
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id)
+    return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+
+
+# -- SwitchCIT and the oracle -------------------------------------------------------------------------
+
+class SwitchCIT:
+    """The library's ContinualModel: one expert per task, the switch picks one per prompt."""
+
+    def __init__(self, setup: Setup):
+        self.setup = setup
+        self.cm = ContinualModel(setup.out / "switchcit" / "store", base_model=setup.model, device=setup.device,
+                                 expert_config=setup.expert, progress=setup.progress)
+        self.learned: list[str] = []
+
+    def learn(self, task: Task) -> None:
+        self.learned.append(task.name)
+        if task.name not in self.cm.task_names:  # else learned before a rerun
+            self.cm.learn(task)
+
+    def route(self, prompts: list[str]) -> list[str]:
+        if self.cm.task_names != self.learned:
+            raise SwitchcitError(f"the SwitchCIT store in {self.cm.store.root} holds {self.cm.task_names}, not the "
+                                 f"stream so far {self.learned} (the oracle ran first?): use a new --out")
+        return [r.task for r in self.cm.route(prompts)]
+
+    def generate(self, prompts: list[str]) -> list[str]:
+        return self._generate_with(prompts, self.route(prompts))
+
+    def _generate_with(self, prompts: list[str], tasks: list[str]) -> list[str]:
+        """Each prompt with its task's expert; prompts routed to no task get the base model, as zero-shot does."""
+        def run(batch: list[Request]) -> list[str]:
+            return self.cm.generate_with([p for _, p in batch], [k.removeprefix("adapter:") for k, _ in batch],
+                                         self.setup.max_new_tokens, batch_size=len(batch))
+
+        keys = [BASE if t == BASE else f"adapter:{t}" for t in tasks]
+        return self.setup.cache.generate(list(zip(keys, prompts)), run, desc="generate switchcit")
+
+
+class Oracle(SwitchCIT):
+    """SwitchCIT's experts, each prompt given its true task's expert: the ceiling for any switch."""
+
+    def learn(self, task: Task) -> None:
+        if task.name not in self.cm.task_names:  # only when SwitchCIT itself was not run
+            self.cm.learn(task)
+
+    def generate(self, prompts: list[str]) -> list[str]:
+        return self._generate_with(prompts, [self.setup.labels[p] for p in prompts])
+
+
+# -- methods with one set of weights -------------------------------------------------------------------
+
+class SingleModel:
+    """One model for all tasks. After each learned task its weights are checkpointed, so a rerun resumes."""
+
+    name: str
+
+    def __init__(self, setup: Setup, name: str | None = None):
+        self.setup = setup
+        self.name = name or self.name
+        self.folder = setup.out / self.name
+        self.seen: list[Task] = []
+        marker = self.folder / "checkpoint.json"
+        self.checkpointed = json.loads(marker.read_text())["stage"] if marker.exists() else 0
+        self.model, self.tokenizer = load_base_model(setup.model, setup.device)
+        if self.checkpointed:
+            self.restore(self.folder / f"checkpoint-{self.checkpointed}")
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}@{len(self.seen)}"
+
+    def learn(self, task: Task) -> None:
+        self.seen.append(task)
+        if len(self.seen) <= self.checkpointed:  # restored weights already include this task
+            return
+        self.train(task)
+        stage = len(self.seen)
+        self.save(self.folder / f"checkpoint-{stage}")  # a folder half written by a kill is rewritten here
+        write_json(self.folder / "checkpoint.json", {"stage": stage})
+        shutil.rmtree(self.folder / f"checkpoint-{stage - 1}", ignore_errors=True)
+        self.checkpointed = stage
+
+    def generate(self, prompts: list[str]) -> list[str]:
+        def run(batch: list[Request]) -> list[str]:
+            return generate_batch(self.model, self.tokenizer, [p for _, p in batch], self.setup.max_new_tokens)
+
+        return self.setup.cache.generate([(self.key, p) for p in prompts], run, desc=f"generate {self.name}")
+
+    def train(self, task: Task) -> None:
+        raise NotImplementedError
+
+    def save(self, folder: Path) -> None:
+        raise NotImplementedError
+
+    def restore(self, folder: Path) -> None:
+        raise NotImplementedError
+
+
+class ZeroShot(SingleModel):
+    """The base model as it is; its answers never change, so they are generated once."""
+
+    name = "zeroshot"
+    key = BASE
+
+    def learn(self, task: Task) -> None:
+        pass
+
+
+class SequentialFull(SingleModel):
+    """Full fine-tuning of every weight, task after task."""
+
+    name = "seqft"
+
+    def train(self, task: Task) -> None:
+        expert = self.setup.expert
+        config = replace(expert, learning_rate=self.setup.full_learning_rate or expert.learning_rate)
+        train_weights(self.model, self.tokenizer, task.examples, config, self.setup.progress,
+                      f"{self.name} {task.name}")
+
+    def save(self, folder: Path) -> None:
+        self.model.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
+
+    def restore(self, folder: Path) -> None:
+        self.model, self.tokenizer = load_base_model(str(folder), self.setup.device)
+
+
+class SequentialLoRA(SingleModel):
+    """One LoRA adapter trained on and on; with `replay_percent`, each task's data gets a share of every
+    earlier task's data mixed in (at least one example each), in the same number of steps."""
+
+    name = "seqlora"
+
+    def __init__(self, setup: Setup, name: str | None = None, replay_percent: float = 0.0):
+        self.replay_percent = replay_percent
+        super().__init__(setup, name)
+        if not self.checkpointed:
+            self.model = fresh_lora(self.model, setup.expert)
+
+    def training_examples(self, task: Task) -> list[Example]:
+        if not self.replay_percent:
+            return task.examples
+        rng = random.Random(f"{self.setup.expert.seed}:{self.name}:{task.name}")
+        replayed = [e for t in self.seen[:-1]
+                    for e in rng.sample(t.examples, max(1, math.ceil(self.replay_percent / 100 * len(t.examples))))]
+        return task.examples + replayed
+
+    def train(self, task: Task) -> None:
+        train_expert(self.model, "default", self.training_examples(task), self.tokenizer, self.setup.expert,
+                     self.setup.progress, f"{self.name} {task.name}")
+
+    def save(self, folder: Path) -> None:
+        self.model.save_pretrained(folder)
+
+    def restore(self, folder: Path) -> None:
+        from peft import PeftModel
+
+        self.model = PeftModel.from_pretrained(self.model, str(folder), is_trainable=True)
+
+
+class MultiTask(SequentialLoRA):
+    """A fresh LoRA adapter per stage, trained jointly on every task seen so far with the steps all
+    sequential methods have spent by then: the usual upper reference."""
+
+    name = "multitask"
+
+    def training_examples(self, task: Task) -> list[Example]:
+        return [e for t in self.seen for e in t.examples]
+
+    def train(self, task: Task) -> None:
+        self.model = fresh_lora(self.model.unload(), self.setup.expert)
+        expert = self.setup.expert
+        budget = replace(expert, max_steps=expert.max_steps * len(self.seen), epochs=expert.epochs * len(self.seen))
+        train_expert(self.model, "default", self.training_examples(task), self.tokenizer, budget,
+                     self.setup.progress, f"{self.name} {len(self.seen)} tasks")
+
+
+def fresh_lora(model: PreTrainedModel, config: ExpertConfig):
+    """A new adapter named 'default', initialised alike for every method (seeded)."""
+    import torch
+    from peft import get_peft_model
+
+    torch.manual_seed(config.seed)
+    return get_peft_model(model, config.lora())
+
+
+def train_weights(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: list[Example],
+                  config: ExpertConfig, progress: bool, desc: str) -> None:
+    """Full fine-tuning with the experts' batching, schedule and clipping, so only the trained weights differ."""
+    import torch
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(config.seed)
+    rows = [tokenize_example(tokenizer, e, config.max_length) for e in examples]
+    steps = config.steps_for(len(rows))
+    params = list(model.parameters())
+    for param in params:
+        param.requires_grad = True
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
+    warmup = max(1, int(steps * config.warmup_ratio))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup))))
+    device = next(model.parameters()).device
+    model.train()
+    try:
+        for indices in tqdm(list(batches(len(rows), config.batch_size, steps, config.seed)), desc=desc,
+                            disable=not progress, unit="step", leave=False):
+            batch = {k: v.to(device) for k, v in collate([rows[i] for i in indices], tokenizer.pad_token_id).items()}
+            answer_loss(model, batch).backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+    finally:
+        model.eval()
+        for param in params:
+            param.requires_grad = False
+
+
+def build(name: str, setup: Setup):
+    """A method by its id (see METHODS)."""
+    if name in ("switchcit", "oracle"):
+        return {"switchcit": SwitchCIT, "oracle": Oracle}[name](setup)
+    if name in REPLAY_PERCENT:
+        return SequentialLoRA(setup, name, REPLAY_PERCENT[name])
+    classes = {"seqlora": SequentialLoRA, "multitask": MultiTask, "seqft": SequentialFull, "zeroshot": ZeroShot}
+    if name not in classes:
+        raise SwitchcitError(f"unknown method '{name}': choose from {', '.join(METHODS)}")
+    return classes[name](setup)

@@ -1,0 +1,211 @@
+"""Task streams for the benchmark: the built-in demo, the CIT stream of the paper, and a user's folder.
+
+A stream is a list of tasks in learning order. Each task has its training examples, its evaluation
+examples worded as in training ("seen") and, where the task has them, worded in ways training never
+used ("unseen"), and the name of its metric.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..data import Example, Task, load_examples
+from ..errors import SwitchcitError
+from .metrics import METRICS
+
+CIT_ORDER = ("simp", "emdg", "inqqg", "exp", "hgen")
+CIT_METRICS = {"simp": "sari", "emdg": "bertscore", "inqqg": "bertscore", "exp": "bertscore", "hgen": "rouge1"}
+CIT_ANSWERS = {"simp": "references", "emdg": "response", "inqqg": "question", "exp": "explanations",
+               "hgen": "headline"}
+CIT_SECONDARY = {"hgen": ("constraint", "bleu")}
+CIT_LOWERCASE = {"emdg", "hgen"}  # their references are lower-cased and tokenized
+CONSTRAINT_KINDS = ("start", "contain", "end")
+
+
+@dataclass(frozen=True)
+class EvalExample:
+    prompt: str
+    references: tuple[str, ...]
+    source: str | None = None  # what SARI compares against: the text to simplify
+    constraint: tuple[str, str] | None = None  # hgen: (start|contain|end, word)
+
+
+@dataclass
+class BenchTask:
+    name: str
+    train: Task
+    seen: list[EvalExample]
+    metric: str
+    unseen: list[EvalExample] = field(default_factory=list)
+    secondary: tuple[str, ...] = ()
+    lowercase: bool = False  # lower-case predictions before scoring
+
+
+@dataclass
+class Stream:
+    name: str
+    tasks: list[BenchTask]
+
+    def labels(self) -> dict[str, str]:
+        """Every evaluation prompt -> its true task (the oracle's routing)."""
+        return {e.prompt: t.name for t in self.tasks for e in [*t.seen, *t.unseen]}
+
+
+def _sample(rows: list, n: int, rng: random.Random) -> list:
+    """A seeded sample of up to n rows, in their original order."""
+    return [rows[i] for i in sorted(rng.sample(range(len(rows)), min(n, len(rows))))]
+
+
+# -- demo -------------------------------------------------------------------------------------------
+
+def demo(n_train: int, n_eval: int, seed: int) -> Stream:
+    from ..demo import demo_stream
+
+    tasks = [BenchTask(train.name, train, [EvalExample(e.prompt, (e.output,)) for e in test.examples],
+                       "exact_match") for train, test in demo_stream(n_train, n_eval, seed)]
+    return Stream("demo", tasks)
+
+
+# -- CIT --------------------------------------------------------------------------------------------
+
+def cit_references(task: str, record: dict) -> tuple[str, ...]:
+    """All acceptable answers of a CIT record; the first is the training answer."""
+    answer = record[CIT_ANSWERS[task]]
+    return tuple(answer) if isinstance(answer, list) else (answer,)
+
+
+def headline_constraint(headline: str, rng: random.Random) -> tuple[str, str]:
+    """CT0's word constraint: a seeded kind, and the first / a random / the last headline word that has a
+    letter and is no unknown-word token (the test set writes UNK, the training set <unk>)."""
+    words = [w for w in headline.split() if any(c.isalpha() for c in w) and w.lower().strip("<>") != "unk"]
+    words = words or headline.split()
+    kind = rng.choice(CONSTRAINT_KINDS)
+    if kind == "contain":
+        return kind, rng.choice(words)
+    return kind, words[0] if kind == "start" else words[-1]
+
+
+def cit_prompt(task: str, record: dict, templates: dict, wordings: str, rng: random.Random,
+               constraint: tuple[str, str] | None = None) -> str:
+    """Fill one seeded wording of `templates[task][wordings]` ('train', 'eval_seen', 'eval_unseen')."""
+    fields = dict(record)
+    if task == "emdg":
+        fields["context"] = "\n".join(record["context"])
+    if task == "exp":
+        fields["label_phrase"] = templates["exp"]["label_phrase"][record["label"]]
+    choices = templates[task][wordings]
+    if constraint is not None:
+        choices = choices[constraint[0]]
+        fields["constraint"] = constraint[1]
+    return rng.choice(choices).format(**fields)
+
+
+def has_wordings(templates: dict, task: str, wordings: str) -> bool:
+    choices = templates[task].get(wordings) or []
+    return any(choices.values()) if isinstance(choices, dict) else bool(choices)
+
+
+def cit_task(task: str, train_records: list[dict], test_records: list[dict], templates: dict,
+             n_train: int, n_eval: int, seed: int) -> BenchTask:
+    """Sample and word one CIT task; every random choice comes from generators seeded by (seed, task)."""
+    sample_rng, train_rng, eval_rng = (random.Random(f"{seed}:{task}:{what}") for what in ("sample", "train", "eval"))
+    examples = []
+    for record in _sample(train_records, n_train, sample_rng):
+        constraint = headline_constraint(record["headline"], train_rng) if task == "hgen" else None
+        examples.append(Example(cit_prompt(task, record, templates, "train", train_rng, constraint),
+                                cit_references(task, record)[0]))
+    unseen = has_wordings(templates, task, "eval_unseen")
+    seen_examples, unseen_examples = [], []
+    for record in _sample(test_records, n_eval, sample_rng):
+        constraint = headline_constraint(record["headline"], eval_rng) if task == "hgen" else None
+        refs, source = cit_references(task, record), record.get("source")
+        seen_examples.append(EvalExample(cit_prompt(task, record, templates, "eval_seen", eval_rng, constraint),
+                                         refs, source, constraint))
+        if unseen:
+            unseen_examples.append(EvalExample(
+                cit_prompt(task, record, templates, "eval_unseen", eval_rng, constraint), refs, source, constraint))
+    return BenchTask(task, Task(task, examples), seen_examples, CIT_METRICS[task], unseen_examples,
+                     CIT_SECONDARY.get(task, ()), task in CIT_LOWERCASE)
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise SwitchcitError(f"missing CIT file {path}: the data folder needs <task>/train.jsonl and test.jsonl")
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def cit(data_dir: str | Path | None, n_train: int, n_eval: int, seed: int) -> Stream:
+    """The CIT stream from a folder laid out like shared/data/cit, or from Hugging Face when `data_dir` is None."""
+    if data_dir is None:
+        from .hub import load_cit_records, load_cit_templates
+
+        templates = load_cit_templates()
+        records = {t: (load_cit_records(t, "train"), load_cit_records(t, "test")) for t in CIT_ORDER}
+    else:
+        root = Path(data_dir)
+        templates_path = root / "templates.json"
+        if not templates_path.is_file():
+            raise SwitchcitError(f"{root} is not a CIT data folder: {templates_path} is missing")
+        templates = json.loads(templates_path.read_text(encoding="utf-8"))
+        records = {t: (_read_jsonl(root / t / "train.jsonl"), _read_jsonl(root / t / "test.jsonl"))
+                   for t in CIT_ORDER}
+    tasks = [cit_task(t, *records[t], templates, n_train, n_eval, seed) for t in CIT_ORDER]
+    return Stream("cit", tasks)
+
+
+# -- a user's folder --------------------------------------------------------------------------------
+
+def user(folder: str | Path, n_train: int, n_eval: int, seed: int) -> Stream:
+    """`<task>.jsonl` files (Alpaca or chat rows) and a stream.json naming order, split and metric:
+
+    {"tasks": [{"name": "a", "metric": "exact_match", "test": 0.2},
+               {"name": "b", "metric": "rouge1", "test": 50, "lowercase": true, "secondary": ["bleu"]}]}
+
+    "test" is the held-out share (below 1) or count of rows, drawn with the seed. A row may carry
+    "references" (a list) to score against several answers, and "source" for SARI (default: its input).
+    """
+    folder = Path(folder)
+    spec_path = folder / "stream.json"
+    if not spec_path.is_file():
+        raise SwitchcitError(f"{folder} is no stream folder: it needs stream.json and <task>.jsonl files")
+    spec = json.loads(spec_path.read_text(encoding="utf-8"))
+    tasks = []
+    for entry in spec.get("tasks", []):
+        name, metric = entry.get("name"), entry.get("metric")
+        for m in [metric, *entry.get("secondary", [])]:
+            if m not in METRICS:
+                raise SwitchcitError(f"{spec_path}: task '{name}' has unknown metric '{m}': "
+                                     f"use one of {sorted(METRICS)}")
+        path = folder / f"{name}.jsonl"
+        examples = load_examples(path)
+        raw = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        test = entry.get("test", 0.2)
+        n_test = round(test * len(raw)) if test < 1 else int(test)
+        if not 0 < n_test < len(raw):
+            raise SwitchcitError(f"{spec_path}: task '{name}' holds out {n_test} of {len(raw)} rows: "
+                                 "keep at least one row for training and one for testing")
+        rng = random.Random(f"{seed}:{name}:split")
+        order = list(range(len(raw)))
+        rng.shuffle(order)
+        test_rows, train_rows = sorted(order[:n_test]), sorted(order[n_test:])
+        train = Task(name, _sample([examples[i] for i in train_rows], n_train, rng))
+        seen = [EvalExample(examples[i].prompt, tuple(raw[i].get("references") or [examples[i].output]),
+                            raw[i].get("source") or raw[i].get("input") or examples[i].prompt)
+                for i in _sample(test_rows, n_eval, rng)]
+        tasks.append(BenchTask(name, train, seen, metric, secondary=tuple(entry.get("secondary", ())),
+                               lowercase=bool(entry.get("lowercase", False))))
+    if not tasks:
+        raise SwitchcitError(f"{spec_path} lists no tasks")
+    return Stream(folder.name, tasks)
+
+
+def load_stream(spec: str, data_dir: str | Path | None, n_train: int, n_eval: int, seed: int) -> Stream:
+    """'demo', 'cit' (from `data_dir`, or Hugging Face when None) or a user's stream folder."""
+    if spec == "demo":
+        return demo(n_train, n_eval, seed)
+    if spec == "cit":
+        return cit(data_dir, n_train, n_eval, seed)
+    return user(spec, n_train, n_eval, seed)

@@ -1,0 +1,250 @@
+"""`switchcit bench`: streams and their prompts, the generation cache, and smoke runs of every method."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+from pathlib import Path
+
+import pytest
+from conftest import task_rows, write_jsonl
+
+from switchcit import SwitchcitError
+from switchcit.bench import add_parser, cmd_bench
+from switchcit.bench.cache import GenerationCache
+from switchcit.bench.hub import dialogue_records
+from switchcit.bench.methods import METHODS
+from switchcit.bench.streams import cit, cit_prompt, cit_references, headline_constraint, user
+
+CIT_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cit"
+needs_cit = pytest.mark.skipif(not (CIT_DIR / "templates.json").is_file(), reason=f"no CIT data at {CIT_DIR}")
+
+
+def bench(*args: str) -> dict:
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    parsed = parser.parse_args(["bench", "-q", *map(str, args)])
+    cmd_bench(parsed)
+    return json.loads((Path(parsed.out) / "results.json").read_text())
+
+
+def template_pattern(template: str) -> re.Pattern:
+    """A filled template: its fixed text around anything in place of each {field}."""
+    return re.compile(".*".join(map(re.escape, re.split(r"\{\w+\}", template))), re.DOTALL)
+
+
+def fits(prompt: str, templates: list[str] | dict) -> bool:
+    pool = [t for group in templates.values() for t in group] if isinstance(templates, dict) else templates
+    return any(template_pattern(t).fullmatch(prompt) for t in pool)
+
+
+# -- streams -----------------------------------------------------------------------------------------
+
+@needs_cit
+def test_cit_prompts_use_train_seen_and_unseen_wordings():
+    templates = json.loads((CIT_DIR / "templates.json").read_text())
+    stream = cit(CIT_DIR, 30, 10, seed=0)
+    assert [t.name for t in stream.tasks] == ["simp", "emdg", "inqqg", "exp", "hgen"]
+    for task in stream.tasks:
+        assert len(task.train.examples) == 30 and len(task.seen) == 10
+        assert all(fits(e.prompt, templates[task.name]["train"]) for e in task.train.examples)
+        assert all(fits(e.prompt, templates[task.name]["eval_seen"]) for e in task.seen)
+        assert all(fits(e.prompt, templates[task.name]["eval_unseen"]) for e in task.unseen)
+        assert len(task.unseen) == (10 if task.name in ("simp", "inqqg", "hgen") else 0)
+    simp = stream.tasks[0]
+    assert len({e.prompt for e in simp.train.examples} & {e.prompt for e in simp.seen}) == 0
+    assert all(e.source and e.source in e.prompt and len(e.references) == 10 for e in simp.seen)
+    assert stream.tasks[1].lowercase and stream.tasks[4].lowercase and not stream.tasks[0].lowercase
+    assert stream.tasks[4].secondary == ("constraint", "bleu")
+    again, other = cit(CIT_DIR, 30, 10, seed=0), cit(CIT_DIR, 30, 10, seed=1)
+    assert [e.prompt for e in again.tasks[0].train.examples] == [e.prompt for e in simp.train.examples]
+    assert [e.prompt for e in other.tasks[0].train.examples] != [e.prompt for e in simp.train.examples]
+
+
+@needs_cit
+def test_cit_record_formatting():
+    templates = json.loads((CIT_DIR / "templates.json").read_text())
+    emdg = next(r for r in map(json.loads, (CIT_DIR / "emdg" / "train.jsonl").open()) if len(r["context"]) > 2)
+    prompt = cit_prompt("emdg", emdg, templates, "train", random.Random(0))
+    assert prompt.startswith(f'The associated emotion is "{emdg["emotion"]}"')
+    assert prompt.endswith("\n".join(emdg["context"]))
+    exp = json.loads((CIT_DIR / "exp" / "test.jsonl").open().readline())
+    assert templates["exp"]["label_phrase"][exp["label"]] in cit_prompt("exp", exp, templates, "eval_seen",
+                                                                        random.Random(0))
+    assert cit_references("exp", exp) == tuple(exp["explanations"]) and len(exp["explanations"]) == 3
+    rng = random.Random(0)
+    constraints = {headline_constraint("nec UNK in computer sales tie-up", rng) for _ in range(60)}
+    assert ("start", "nec") in constraints and ("end", "tie-up") in constraints
+    assert {w for k, w in constraints if k == "contain"} == {"nec", "in", "computer", "sales", "tie-up"}
+    assert {w for k, w in (headline_constraint("## dead in <unk>", rng) for _ in range(30))} <= {"dead", "in"}
+    hgen = cit(CIT_DIR, 5, 8, seed=0).tasks[4]
+    for seen, unseen in zip(hgen.seen, hgen.unseen):
+        assert seen.constraint == unseen.constraint and f'"{seen.constraint[1]}"' in unseen.prompt
+
+
+HUB_ROWS = {
+    "GEM/wiki_auto_asset_turk": {"source": "A long sentence .", "target": "A short one."},
+    "facebook/asset": {"original": "A long sentence.", "simplifications": ["Short.", "Brief."]},
+    "Estwld/empathetic_dialogues_llm": {"emotion": "proud", "situation": "", "conversations": [
+        {"role": "user", "content": "i won ."}, {"role": "assistant", "content": "great !"}]},
+    "sentence-transformers/eli5": {"question": "Why is the sky blue?", "answer": "Scattering."},
+    "esnli": {"premise": "A man sleeps.", "hypothesis": "A man is awake.", "label": 2, "explanation_1": "No.",
+              "explanation_2": "Asleep.", "explanation_3": "Not awake."},
+    "Harvard/gigaword": {"document": "the un said on monday ...", "summary": "un says ###"},
+}
+
+
+class FakeStream(list):
+    def skip(self, n):
+        return FakeStream(self[n:])
+
+
+def test_cit_stream_from_the_hub_without_network(monkeypatch):
+    import sys
+    import types
+
+    def load_dataset(name, config=None, split=None, streaming=False):
+        assert streaming
+        return FakeStream([HUB_ROWS[name]] * 400)
+
+    if not (CIT_DIR / "templates.json").is_file():
+        pytest.skip("the CIT data folder is not here")
+    monkeypatch.setenv("SWITCHCIT_CIT_TEMPLATES", str(CIT_DIR / "templates.json"))
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    stream = cit(None, 5, 3, seed=0)
+    assert [len(t.train.examples) for t in stream.tasks] == [5] * 5
+    exp = stream.tasks[3]
+    assert "contradict each other" in exp.seen[0].prompt and exp.seen[0].references == ("No.", "Asleep.", "Not awake.")
+    assert exp.train.examples[0].output == "No."
+    assert stream.tasks[0].seen[0].references == ("Short.", "Brief.")
+    assert stream.tasks[4].seen[0].constraint[1] in ("un", "says")
+
+
+def test_hub_dialogues_become_local_records():
+    row = {"emotion": "proud", "situation": "s", "conversations": [
+        {"role": "user", "content": "i won ."}, {"role": "assistant", "content": "great !"},
+        {"role": "user", "content": "thanks ."}, {"role": "assistant", "content": "how ?"}]}
+    records = list(dialogue_records(row))
+    assert [r["context"] for r in records] == [["i won ."], ["i won .", "great !", "thanks ."]]
+    assert [r["response"] for r in records] == ["great !", "how ?"]
+    templates = json.loads((Path(__file__).parents[1] / "src/switchcit/bench/cit_templates.json").read_text())
+    assert cit_prompt("emdg", records[1], templates, "train", random.Random(0)).endswith("i won .\ngreat !\nthanks .")
+
+
+def make_user_stream(folder: Path, stream) -> Path:
+    folder.mkdir()
+    tasks = []
+    for (train, _), metric in zip(stream[:2], ["exact_match", "rouge1"]):
+        write_jsonl(folder / f"{train.name}.jsonl", task_rows(train)[:30])
+        tasks.append({"name": train.name, "metric": metric, "test": 0.2})
+    tasks[1].update(secondary=["bleu"], lowercase=True)
+    (folder / "stream.json").write_text(json.dumps({"tasks": tasks}))
+    return folder
+
+
+def test_user_stream_folder(tmp_path, stream):
+    folder = make_user_stream(tmp_path / "mine", stream)
+    loaded = user(folder, n_train=100, n_eval=100, seed=0)
+    first, second = loaded.tasks
+    assert (first.name, first.metric, second.metric, second.secondary) == (stream[0][0].name, "exact_match",
+                                                                          "rouge1", ("bleu",))
+    assert len(first.train.examples) == 24 and len(first.seen) == 6 and second.lowercase
+    assert not {e.prompt for e in first.train.examples} & {e.prompt for e in first.seen}
+    spec = json.loads((folder / "stream.json").read_text())
+    spec["tasks"][0]["metric"] = "accuracy"
+    (folder / "stream.json").write_text(json.dumps(spec))
+    with pytest.raises(SwitchcitError, match="unknown metric 'accuracy'"):
+        user(folder, 10, 10, 0)
+
+
+def test_cache_generates_each_request_once_and_survives_a_cut_line(tmp_path):
+    calls = []
+
+    def fake(batch):
+        calls.append(batch)
+        return [f"{k}:{p}" for k, p in batch]
+
+    cache = GenerationCache(tmp_path / "g.jsonl", batch_size=2, progress=False)
+    assert cache.generate([("a", "x"), ("a", "y"), ("b", "x"), ("a", "x")], fake) == ["a:x", "a:y", "b:x", "a:x"]
+    assert sum(map(len, calls)) == 3
+    with (tmp_path / "g.jsonl").open("a") as handle:
+        handle.write('{"key": "a", "pro')  # a kill in the middle of a write
+    again = GenerationCache(tmp_path / "g.jsonl", progress=False)
+    assert again.generate([("a", "y"), ("c", "z")], fake) == ["a:y", "c:z"]
+    assert calls[-1] == [("c", "z")]
+    assert GenerationCache(tmp_path / "g.jsonl", progress=False).outputs[("c", "z")] == "c:z"
+
+
+# -- smoke runs ----------------------------------------------------------------------------------------
+
+def check_results(results: dict, out: Path, methods: list[str]) -> None:
+    n = len(results["tasks"])
+    assert list(results["methods"]) == methods
+    for name, r in results["methods"].items():
+        assert [len(row) for row in r["matrix"]] == [n] * n
+        assert all((v is None) == (j > i) for i, row in enumerate(r["matrix"]) for j, v in enumerate(row))
+        assert r["ap"] == pytest.approx(sum(r["matrix"][-1]) / n)
+        assert r["bwt"] is not None and list(r["final"]) == results["tasks"]
+        assert (out / f"heatmap_{name}.png").stat().st_size > 1000
+    assert (out / "final_scores.png").exists() and "## Summary" in (out / "report.md").read_text()
+    for exact in ("oracle", "zeroshot"):  # fixed weights per task: no forgetting by construction
+        if exact in results["methods"]:
+            assert results["methods"][exact]["bwt"] == 0
+    if "switchcit" in results["methods"]:
+        switch = results["methods"]["switchcit"]
+        assert len(switch["switch_accuracy"]) == n and len(switch["confusion"]) == n
+        assert switch["confusion_columns"] == [*results["tasks"], "base"]
+
+
+def test_smoke_bench_on_the_demo_stream_resumes(tmp_path):
+    out = tmp_path / "run"
+    results = bench("--preset", "smoke", "--out", out)
+    check_results(results, out, list(METHODS))
+    assert results["config"]["stream"] == "demo" and results["versions"]["torch"]
+
+    generated = (out / "generations.jsonl").read_text()
+    progress = json.loads((out / "seqlora" / "progress.json").read_text())
+    (out / "seqlora" / "progress.json").write_text(json.dumps(dict(progress, stages=progress["stages"][:1])))
+    resumed = bench("--preset", "smoke", "--out", out, "--methods", "seqlora")
+    assert resumed["methods"]["seqlora"] == results["methods"]["seqlora"] | {
+        "seconds": resumed["methods"]["seqlora"]["seconds"]}
+    assert (out / "generations.jsonl").read_text() == generated  # nothing generated twice
+
+    with pytest.raises(SwitchcitError, match="other settings"):
+        bench("--preset", "smoke", "--out", out, "--steps", "3")
+
+
+@needs_cit
+def test_smoke_bench_on_a_cit_sample(tmp_path):
+    sample = tmp_path / "cit"
+    for task in ("simp", "emdg", "inqqg", "exp", "hgen"):
+        (sample / task).mkdir(parents=True)
+        for split in ("train", "test"):
+            lines = (CIT_DIR / task / f"{split}.jsonl").read_text().splitlines()[:20]
+            (sample / task / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    (sample / "templates.json").write_text((CIT_DIR / "templates.json").read_text())
+    out = tmp_path / "run"
+    methods = ["switchcit", "oracle", "seqlora", "zeroshot"]
+    results = bench("--preset", "smoke", "--stream", "cit", "--data-dir", sample, "--out", out,
+                    "--methods", ",".join(methods))
+    check_results(results, out, methods)
+    switch = results["methods"]["switchcit"]
+    assert set(switch["final_unseen"]) == {"simp", "inqqg", "hgen"} and 0 <= switch["switch_unseen"]["accuracy"] <= 100
+    assert set(switch["secondary"]["hgen"]) == {"constraint", "bleu"}
+    report = (out / "report.md").read_text()
+    assert "unseen instruction wordings" in report and "BERTScore F1, encoder all-MiniLM-L6-v2" in report
+
+
+def test_smoke_bench_on_a_user_stream(tmp_path, stream):
+    folder = make_user_stream(tmp_path / "mine", stream)
+    out = tmp_path / "run"
+    with pytest.raises(SwitchcitError, match="unknown method"):
+        bench("--preset", "smoke", "--stream", folder, "--out", out, "--methods", "seqlora,finetune")
+    results = bench("--preset", "smoke", "--stream", folder, "--out", out, "--methods", "switchcit,replay_1,seqft",
+                    "--seqft-lr", "1e-4")
+    check_results(results, out, ["switchcit", "replay_1", "seqft"])
+    assert results["methods"]["replay_1"]["secondary"][stream[1][0].name]["bleu"] >= 0
+    assert results["config"]["seqft_learning_rate"] == 1e-4
+    assert "all weights at learning rate 0.0001" in (out / "report.md").read_text()
