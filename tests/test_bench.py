@@ -122,6 +122,7 @@ def test_cit_stream_from_the_hub_without_network(monkeypatch):
     assert stream.tasks[4].seen[0].constraint[1] in ("un", "says")
 
 
+@needs_cit
 def test_hub_dialogues_become_local_records():
     row = {"emotion": "proud", "situation": "s", "conversations": [
         {"role": "user", "content": "i won ."}, {"role": "assistant", "content": "great !"},
@@ -129,7 +130,7 @@ def test_hub_dialogues_become_local_records():
     records = list(dialogue_records(row))
     assert [r["context"] for r in records] == [["i won ."], ["i won .", "great !", "thanks ."]]
     assert [r["response"] for r in records] == ["great !", "how ?"]
-    templates = json.loads((Path(__file__).parents[1] / "src/switchcit/bench/cit_templates.json").read_text())
+    templates = json.loads((CIT_DIR / "templates.json").read_text())
     assert cit_prompt("emdg", records[1], templates, "train", random.Random(0)).endswith("i won .\ngreat !\nthanks .")
 
 
