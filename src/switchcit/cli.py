@@ -114,20 +114,14 @@ def _prompts(args) -> list[str]:
 
 def cmd_learn(args) -> None:
     from .continual import ContinualModel
-    from .data import Task, check_task_name, load_examples
+    from .data import Task, load_examples
     from .experts import ExpertConfig
     from .store import Store
     from .switch import MemoryConfig
 
-    check_task_name(args.task)
     task = Task(args.task, load_examples(args.data))
     store = Store(args.store)
-    if store.exists():
-        manifest = store.read()
-        if args.task in [t["name"] for t in manifest["tasks"]] and not args.replace:
-            raise SwitchcitError(f"task '{args.task}' is already in store {args.store}: pass --replace to retrain "
-                                 "it or choose another name")
-    elif store.root.exists() and any(p.name != ".lock" for p in store.root.iterdir()):
+    if not store.exists() and store.root.exists() and any(p.name != ".lock" for p in store.root.iterdir()):
         raise SwitchcitError(f"{args.store} exists and is not a switchcit store: choose an empty or new folder")
     expert = ExpertConfig(r=args.rank, alpha=2 * args.rank, learning_rate=args.lr, batch_size=args.batch_size,
                           epochs=args.epochs, max_steps=args.max_steps, seed=args.seed)

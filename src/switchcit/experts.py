@@ -122,9 +122,21 @@ def train_expert(
     progress: bool = True,
     desc: str | None = None,
 ) -> dict:
-    """Train `adapter_name` (already added to `model`) on `examples`; every other weight stays frozen.
+    """Train `adapter_name` (already added to `model`) on `examples`; every other weight stays frozen."""
+    model.set_adapter(adapter_name)
+    params = []
+    for name, param in model.named_parameters():
+        param.requires_grad = False
+        if f".{adapter_name}." in name and "lora_" in name:
+            params.append(param)
+    return train_params(model, params, examples, tokenizer, config, progress, desc or f"learn {adapter_name}")
 
-    With several processes each takes its share of every batch and gradients are summed, so the adapter
+
+def train_params(model, params: list, examples: list[Example], tokenizer: PreTrainedTokenizerBase,
+                 config: ExpertConfig, progress: bool, desc: str) -> dict:
+    """The training loop shared by experts and full fine-tuning: only `params` learn, loss on answers only.
+
+    With several processes each takes its share of every batch and gradients are summed, so the result
     matches a single process's with the same batch size.
     """
     import torch
@@ -138,12 +150,8 @@ def train_expert(
     rows = [tokenize_example(tokenizer, e, config.max_length) for e in examples]
     answer_tokens = [sum(label != -100 for label in labels) for _, labels in rows]
     steps = config.steps_for(len(rows))
-    model.set_adapter(adapter_name)
-    params = []
-    for name, param in model.named_parameters():
-        param.requires_grad = f".{adapter_name}." in name and "lora_" in name
-        if param.requires_grad:
-            params.append(param)
+    for param in params:
+        param.requires_grad = True
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
     warmup = max(1, int(steps * config.warmup_ratio))
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -152,7 +160,7 @@ def train_expert(
     device = next(model.parameters()).device
     model.train()
     losses = []
-    bar = tqdm(total=steps, desc=desc or f"learn {adapter_name}", disable=not progress or rank > 0, unit="step")
+    bar = tqdm(total=steps, desc=desc, disable=not progress or rank > 0, unit="step")
     try:
         for indices in batches(len(rows), config.batch_size, steps, config.seed):
             mine = indices[rank::world]

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from ..continual import BASE, ContinualModel
 from ..data import Example, Task, encode_prompt
 from ..errors import SwitchcitError
-from ..experts import ExpertConfig, answer_loss, batches, collate, tokenize_example, train_expert
+from ..experts import ExpertConfig, train_expert, train_params
 from ..models import load_base_model
 from .cache import GenerationCache, Request
 from .files import write_json
@@ -250,35 +250,8 @@ def fresh_lora(model: PreTrainedModel, config: ExpertConfig):
 
 def train_weights(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: list[Example],
                   config: ExpertConfig, progress: bool, desc: str) -> None:
-    """Full fine-tuning with the experts' batching, schedule and clipping, so only the trained weights differ."""
-    import torch
-    from tqdm.auto import tqdm
-
-    torch.manual_seed(config.seed)
-    rows = [tokenize_example(tokenizer, e, config.max_length) for e in examples]
-    steps = config.steps_for(len(rows))
-    params = list(model.parameters())
-    for param in params:
-        param.requires_grad = True
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
-    warmup = max(1, int(steps * config.warmup_ratio))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup))))
-    device = next(model.parameters()).device
-    model.train()
-    try:
-        for indices in tqdm(list(batches(len(rows), config.batch_size, steps, config.seed)), desc=desc,
-                            disable=not progress, unit="step", leave=False):
-            batch = {k: v.to(device) for k, v in collate([rows[i] for i in indices], tokenizer.pad_token_id).items()}
-            answer_loss(model, batch).backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-    finally:
-        model.eval()
-        for param in params:
-            param.requires_grad = False
+    """Full fine-tuning with the experts' loop (batching, schedule, clipping), so only the trained weights differ."""
+    train_params(model, list(model.parameters()), examples, tokenizer, config, progress, desc)
 
 
 def build(name: str, setup: Setup):
