@@ -189,7 +189,9 @@ def check_results(results: dict, out: Path, methods: list[str]) -> None:
         assert r["ap"] == pytest.approx(sum(r["matrix"][-1]) / n)
         assert r["bwt"] is not None and list(r["final"]) == results["tasks"]
         assert (out / f"heatmap_{name}.png").stat().st_size > 1000
-    assert (out / "final_scores.png").exists() and "## Summary" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert (out / "final_scores.png").exists() and "## Summary" in report
+    assert results["machine"] and f"Machine: {results['machine']}" in report
     for exact in ("oracle", "zeroshot"):  # fixed weights per task: no forgetting by construction
         if exact in results["methods"]:
             assert results["methods"][exact]["bwt"] == 0

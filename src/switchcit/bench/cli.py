@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import shlex
+import sys
 from pathlib import Path
 
 from ..errors import SwitchcitError
 from .methods import METHODS
+from .studies import MEMORY_PERCENTS, STUDY_ROUTERS, StudyConfig
 
 DEFAULT_CIT_DIR = Path("..") / "shared" / "data" / "cit"
 
@@ -48,6 +51,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, help=f"training tokens per example (default {BASE['max_length']})")
     p.add_argument("--max-new-tokens", type=int, help=f"generation length (default {BASE['max_new_tokens']})")
     p.add_argument("--seed", type=int)
+    p.add_argument("--routers", default=",".join(STUDY_ROUTERS),
+                   help="router comparison on SwitchCIT's run: comma-separated of "
+                        f"{','.join(STUDY_ROUTERS)}, or 'none' (default: all)")
+    p.add_argument("--memory-percents", default=",".join(map(str, MEMORY_PERCENTS)),
+                   help="memory study: retained percentages of each task's features, or 'none' "
+                        f"(default: {','.join(map(str, MEMORY_PERCENTS))})")
+    p.add_argument("--study-encoders", default="",
+                   help="memory study encoders: comma-separated sentence-transformers ids, 'base', or causal LM ids "
+                        "such as facebook/opt-125m (default: the store's encoder and 'base')")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     return p
@@ -79,13 +91,29 @@ def _tiny_model(out: Path, stream) -> str:
     return str(folder.resolve())
 
 
+def _list(text: str) -> list[str]:
+    return [] if text.strip().lower() == "none" else [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _studies(args) -> StudyConfig:
+    try:
+        percents = [float(x) for x in _list(args.memory_percents)]
+    except ValueError:
+        raise SwitchcitError(f"--memory-percents '{args.memory_percents}' is not a list of numbers: give e.g. "
+                             "0.01,0.1,1,10 or none") from None
+    config = StudyConfig(routers=_list(args.routers), memory_percents=percents, encoders=_list(args.study_encoders))
+    config.check()
+    return config
+
+
 def cmd_bench(args) -> None:
     from ..models import DEFAULT_MODEL
     from .protocol import BenchConfig, run_bench
     from .streams import load_stream
 
     s = _settings(args)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    studies = _studies(args)
+    methods = _list(args.methods)
     if not methods:
         raise SwitchcitError("--methods is empty: name at least one of " + ", ".join(METHODS))
     out = Path(args.out)
@@ -97,8 +125,9 @@ def cmd_bench(args) -> None:
                          train_examples=s["train_examples"], eval_examples=s["eval_examples"], steps=s["steps"],
                          learning_rate=s["lr"], batch_size=s["batch_size"], max_length=s["max_length"],
                          max_new_tokens=s["max_new_tokens"], seed=s["seed"], seqft_learning_rate=args.seqft_lr,
-                         device=None if args.device == "auto" else args.device)
-    results = run_bench(config, stream, out, progress=not args.quiet)
+                         device=None if args.device == "auto" else args.device, studies=studies)
+    command = "switchcit " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else None
+    results = run_bench(config, stream, out, progress=not args.quiet, command=command)
     print(f"switchcit bench: {len(results['methods'])} method(s) on {len(results['tasks'])} tasks; "
           f"results in {out / 'results.json'}, report in {out / 'report.md'}")
     for name, r in results["methods"].items():

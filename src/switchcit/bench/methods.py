@@ -88,9 +88,9 @@ class SwitchCIT:
         return [r.task for r in self.cm.route(prompts)]
 
     def generate(self, prompts: list[str]) -> list[str]:
-        return self._generate_with(prompts, self.route(prompts))
+        return self.generate_routed(prompts, self.route(prompts))
 
-    def _generate_with(self, prompts: list[str], tasks: list[str]) -> list[str]:
+    def generate_routed(self, prompts: list[str], tasks: list[str]) -> list[str]:
         """Each prompt with its task's expert; prompts routed to no task get the base model, as zero-shot does."""
         def run(batch: list[Request]) -> list[str]:
             return self.cm.generate_with([p for _, p in batch], [k.removeprefix("adapter:") for k, _ in batch],
@@ -108,7 +108,7 @@ class Oracle(SwitchCIT):
             self.cm.learn(task)
 
     def generate(self, prompts: list[str]) -> list[str]:
-        return self._generate_with(prompts, [self.setup.labels[p] for p in prompts])
+        return self.generate_routed(prompts, [self.setup.labels[p] for p in prompts])
 
 
 # -- methods with one set of weights -------------------------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 import gc
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..continual import BASE
@@ -21,6 +21,7 @@ from .files import write_json
 from .methods import METHODS, Setup, build
 from .metrics import METRICS, average_performance, backward_transfer
 from .streams import BenchTask, EvalExample, Stream
+from .studies import StudyConfig, run_studies
 
 
 @dataclass
@@ -39,10 +40,11 @@ class BenchConfig:
     seed: int
     seqft_learning_rate: float | None = None  # full fine-tuning often wants a far smaller rate than LoRA
     device: str | None = None
+    studies: StudyConfig = field(default_factory=StudyConfig)  # run on SwitchCIT's finished run
 
     def identity(self) -> dict:
-        """The settings a resumed run must share with the run it continues (methods may be added)."""
-        return {k: v for k, v in asdict(self).items() if k not in ("methods", "device")}
+        """The settings a resumed run must share with the run it continues (methods and studies may change)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("methods", "device", "studies")}
 
     def expert(self) -> ExpertConfig:
         return ExpertConfig(learning_rate=self.learning_rate, batch_size=self.batch_size, max_steps=self.steps,
@@ -155,25 +157,36 @@ def check_config(out: Path, config: BenchConfig) -> None:
     write_json(path, config.identity())
 
 
-def run_bench(config: BenchConfig, stream: Stream, out: Path, progress: bool = True) -> dict:
+def run_bench(config: BenchConfig, stream: Stream, out: Path, progress: bool = True,
+              command: str | None = None) -> dict:
     """Run (or resume) every method in canonical order; write results.json, report.md and plots."""
-    from .report import versions, write_report
+    from .report import machine, versions, write_report
 
     unknown = [m for m in config.methods if m not in METHODS]
     if unknown:
         raise SwitchcitError(f"unknown method(s) {unknown}: choose from {', '.join(METHODS)}")
+    config.studies.check()
     out.mkdir(parents=True, exist_ok=True)
     check_config(out, config)
     cache = GenerationCache(out / "generations.jsonl", batch_size=16, progress=progress)
     setup = Setup(out, config.model, config.expert(), cache, config.max_new_tokens, config.device, progress,
                   stream.labels(), config.seqft_learning_rate)
     scorer = Scorer()
-    results = {"config": asdict(config), "versions": versions(), "tasks": [t.name for t in stream.tasks],
+    results = {"config": asdict(config), "command": command, "machine": machine(), "versions": versions(),
+               "tasks": [t.name for t in stream.tasks],
                "metrics": {t.name: {"metric": t.metric, "secondary": list(t.secondary), "lowercase": t.lowercase,
                                     "unseen_wordings": bool(t.unseen)} for t in stream.tasks},
                "methods": {}}
     for name in [m for m in METHODS if m in config.methods]:  # SwitchCIT before the oracle that reuses its experts
         results["methods"][name] = summarize(run_method(name, stream, setup, scorer), stream)
+        write_json(out / "results.json", results)
+    studies = config.studies
+    finished = results["methods"].get("switchcit", {}).get("ap") is not None
+    if finished and (studies.routers or studies.memory_percents):
+        method = build("switchcit", setup)
+        results["studies"] = run_studies(studies, stream, method, scorer, out, config.seed)
+        del method
+        gc.collect()
         write_json(out / "results.json", results)
     write_report(results, out)
     return results

@@ -22,6 +22,25 @@ def versions() -> dict[str, str]:
     return found
 
 
+def machine() -> str:
+    """The hardware that produced the numbers, in words: CPU model and cores, memory, GPU if any."""
+    import os
+
+    cpu = platform.processor() or platform.machine()
+    info = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in (info.read_text().splitlines() if info.exists() else [])
+             if line.startswith("model name")]
+    cpu = names[0] if names else cpu
+    try:
+        memory = f", {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM"
+    except (ValueError, OSError, AttributeError):
+        memory = ""
+    import torch
+
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
+    return f"{cpu}, {os.cpu_count()} cores{memory}{gpu}; {platform.system()} {platform.release()}"
+
+
 def _cell(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
@@ -44,6 +63,8 @@ def render(results: dict) -> str:
                 if config.get("seqft_learning_rate") else ""), "",
              "R[i][j] is the score on task j after learning task i. AP is the mean of the last row; BWT the mean "
              "change of each earlier task from just after learning it to the end (negative: forgetting).", "",
+             *([f"Command: `{results['command']}`", ""] if results.get("command") else []),
+             *([f"Machine: {results['machine']}.", ""] if results.get("machine") else []),
              "## Summary", ""]
     lines += _table(["method", "AP", "BWT", "seconds"],
                     [[m, _cell(r["ap"]), _cell(r["bwt"]), f"{r['seconds']:.0f}"] for m, r in methods.items()])
@@ -71,6 +92,7 @@ def render(results: dict) -> str:
                   "Confusion after the last stage (rows: true task, columns: routed task):", ""]
         lines += _table(["true \\ routed", *switch["confusion_columns"]],
                         [[t, *map(str, row)] for t, row in zip(switch["confusion_rows"], switch["confusion"])])
+    lines += _studies_section(results)
     lines += ["## R matrices", ""]
     for m, r in methods.items():
         lines += [f"### {m}", ""]
@@ -83,6 +105,85 @@ def render(results: dict) -> str:
         lines.append(f"- {t}: {'; '.join(notes)}{lowered}")
     lines += ["", "## Versions", "", ", ".join(f"{k} {v}" for k, v in results["versions"].items()), ""]
     return "\n".join(lines)
+
+
+def _accuracies(values: list[float] | None) -> str:
+    return "n/a" if values is None else ", ".join(f"{a:.1f}" for a in values)
+
+
+def _studies_section(results: dict) -> list[str]:
+    """Router comparison and memory budget (see studies.py), when the run has them."""
+    studies, tasks = results.get("studies") or {}, results["tasks"]
+    unseen = [t for t in tasks if results["metrics"][t]["unseen_wordings"]]
+    lines = []
+    if "routers" in studies:
+        spec = studies["routers"]
+        lines += ["## Router comparison", "",
+                  f"Routers over the same features (encoder `{spec['encoder']}`), judged as classifiers with the "
+                  "unknown-request fallback off. mlp: the library's switch; centroid: nearest task mean (cosine); "
+                  f"knn: {spec['knn_k']} nearest retained features, similarity-weighted vote; arrow: PEFT's Arrow, "
+                  f"top-{spec['arrow_top_k']} adapters mixed per token and layer from the adapters' own weights "
+                  "(no features, so no routing accuracy). End scores: each router drives the same experts after "
+                  "the last stage.", ""]
+        rows = []
+        for name, r in spec["routers"].items():
+            acc = r["accuracy"]
+            rows.append([name, _accuracies(acc), *([_cell(r["unseen_accuracy"])] if unseen else []), _cell(r["ap"]),
+                         *(_cell(r["final"][t]) for t in tasks), *(_cell(r["final_unseen"].get(t)) for t in unseen)])
+        lines += _table(["router", "accuracy after each stage", *(["unseen-wording accuracy"] if unseen else []),
+                         "AP", *tasks, *(f"{t} (unseen)" for t in unseen)], rows)
+    if "memory" in studies:
+        spec = studies["memory"]
+        lines += ["## Memory budget", "",
+                  "The switch retrained stage by stage on the newest task's features plus p% of every earlier "
+                  f"task's (at least {spec['min_per_task']}), per encoder; the fallback is off. 'base' is the base "
+                  "model's last-token hidden state. AP: the experts driven by the last stage's switch.", ""]
+        lines += _table(["encoder", "dim", "retained %", "kept per task", "accuracy after each stage",
+                         *(["unseen-wording accuracy"] if unseen else []), "AP"],
+                        [[f"`{r['encoder']}`", str(r["dim"]), f"{r['percent']:g}",
+                          ", ".join(map(str, r["kept_per_task"])), _accuracies(r["accuracy"]),
+                          *([_cell(r["unseen_accuracy"])] if unseen else []), _cell(r["ap"])] for r in spec["rows"]])
+    return lines
+
+
+def plot_studies(results: dict, out: Path) -> list[Path]:
+    """routers.png (accuracy by stage, AP per router) and memory.png (final accuracy and AP by retained %)."""
+    import matplotlib.pyplot as plt
+
+    studies, tasks, written = results.get("studies") or {}, results["tasks"], []
+    if "routers" in studies:
+        routers = studies["routers"]["routers"]
+        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+        for name, r in routers.items():
+            if r["accuracy"] is not None:
+                left.plot(range(1, len(tasks) + 1), r["accuracy"], marker="o", label=name)
+        left.set_xticks(range(1, len(tasks) + 1), [f"after {t}" for t in tasks], rotation=20)
+        left.set_ylabel("routing accuracy (%)")
+        left.legend()
+        right.bar(list(routers), [r["ap"] for r in routers.values()])
+        right.set_ylabel("AP after the last stage")
+        fig.tight_layout()
+        written.append(out / "routers.png")
+        fig.savefig(written[-1], dpi=100)
+        plt.close(fig)
+    if "memory" in studies:
+        rows = studies["memory"]["rows"]
+        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+        for encoder in dict.fromkeys(r["encoder"] for r in rows):
+            mine = [r for r in rows if r["encoder"] == encoder]
+            percents = [r["percent"] for r in mine]
+            left.plot(percents, [r["accuracy"][-1] for r in mine], marker="o", label=encoder)
+            right.plot(percents, [r["ap"] for r in mine], marker="o", label=encoder)
+        for ax, label in ((left, "switch accuracy after the last stage (%)"), (right, "AP after the last stage")):
+            ax.set_xscale("log")
+            ax.set_xlabel("retained share of each earlier task (%)")
+            ax.set_ylabel(label)
+            ax.legend(fontsize="small")
+        fig.tight_layout()
+        written.append(out / "memory.png")
+        fig.savefig(written[-1], dpi=100)
+        plt.close(fig)
+    return written
 
 
 def plot(results: dict, out: Path) -> list[Path]:
@@ -122,7 +223,7 @@ def plot(results: dict, out: Path) -> list[Path]:
     written.append(out / "final_scores.png")
     fig.savefig(written[-1], dpi=100)
     plt.close(fig)
-    return written
+    return written + plot_studies(results, out)
 
 
 def write_report(results: dict, out: Path) -> None:

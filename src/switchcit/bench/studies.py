@@ -1,0 +1,249 @@
+"""Two studies on top of SwitchCIT's benchmark run: which router, and how much memory.
+
+Both reuse what the `switchcit` method left in RUN_DIR: its experts and its retained feature memory.
+No expert is trained again; routers and switches are cheap to fit, and every answer goes through the
+run's generation cache, so only prompts that a router sends somewhere new cost a generation.
+
+- Router comparison: after each stage, the MLP switch, nearest centroid and kNN route the evaluation
+  prompts over the same features (the store's encoder); at the end each router drives the experts, and
+  PEFT's Arrow (per-token routing from the adapters' own weights) does the same without any features.
+- Memory budget: the switch retrained stage by stage as the library does, keeping p% of each earlier
+  task's features (at least one) for several p and several encoders; its accuracy and the AP it yields.
+
+Routers here are judged as classifiers: the unknown-request fallback is off, so every prompt gets a task.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..continual import ContinualModel
+from ..errors import SwitchcitError
+from ..routers import ROUTERS, fit_router
+from ..switch import MemoryConfig, load_encoder, select_memory
+from .streams import Stream
+
+if TYPE_CHECKING:
+    import torch
+
+    from .methods import SwitchCIT
+
+ARROW = "arrow"
+STUDY_ROUTERS = (*ROUTERS, ARROW)
+MEMORY_PERCENTS = (0.01, 0.1, 1.0, 10.0)  # the paper keeps 0.01% or 1%
+
+
+@dataclass
+class StudyConfig:
+    routers: list[str] = field(default_factory=lambda: list(STUDY_ROUTERS))
+    memory_percents: list[float] = field(default_factory=lambda: list(MEMORY_PERCENTS))
+    encoders: list[str] = field(default_factory=list)  # empty: the store's encoder and the base model's
+    knn_k: int = 5
+    arrow_top_k: int = 3
+
+    def check(self) -> None:
+        unknown = [r for r in self.routers if r not in STUDY_ROUTERS]
+        if unknown:
+            raise SwitchcitError(f"unknown router(s) {unknown}: choose from {', '.join(STUDY_ROUTERS)}")
+        bad = [p for p in self.memory_percents if not 0 < p <= 100]
+        if bad:
+            raise SwitchcitError(f"memory percentages {bad} are outside (0, 100]: give values like 0.01,1,10")
+
+
+Features = dict[str, dict[str, "torch.Tensor"]]  # split ('train', 'seen', 'unseen') -> task -> [n, dim]
+
+
+def _slug(reference: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", reference).strip("_")[-80:]
+
+
+def stream_features(encoder, stream: Stream, folder: Path) -> Features:
+    """Features of every training and evaluation prompt, cached on disk per encoder (a rerun reuses them)."""
+    from safetensors.torch import load_file, save_file
+
+    path = folder / f"features-{_slug(encoder.reference)}.safetensors"
+    if path.exists():
+        flat = load_file(str(path))
+    else:
+        flat = {}
+        for task in stream.tasks:
+            flat[f"train/{task.name}"] = encoder.encode(task.train.prompts)
+            flat[f"seen/{task.name}"] = encoder.encode([e.prompt for e in task.seen])
+            if task.unseen:
+                flat[f"unseen/{task.name}"] = encoder.encode([e.prompt for e in task.unseen])
+        folder.mkdir(parents=True, exist_ok=True)
+        staging = path.with_name(path.name + ".tmp")
+        save_file({k: v.contiguous() for k, v in flat.items()}, str(staging))
+        staging.replace(path)
+    features: Features = {"train": {}, "seen": {}, "unseen": {}}
+    for key, value in flat.items():
+        split, task = key.split("/", 1)
+        features[split][task] = value
+    return features
+
+
+def _accuracy(router, features: dict[str, torch.Tensor], tasks: list[str]) -> float:
+    import torch
+
+    routed = router.route(torch.cat([features[t] for t in tasks]))
+    truth = [t for t in tasks for _ in range(len(features[t]))]
+    return 100.0 * sum(a == b for a, b in zip(routed, truth)) / max(1, len(truth))
+
+
+class Studies:
+    """Runs the router comparison and the memory study for one finished SwitchCIT run."""
+
+    def __init__(self, config: StudyConfig, stream: Stream, method: SwitchCIT, scorer, out: Path, seed: int):
+        self.config = config
+        self.stream = stream
+        self.method = method
+        self.cm: ContinualModel = method.cm
+        self.scorer = scorer
+        self.folder = out / "studies"
+        self.seed = seed
+        self.names = [t.name for t in stream.tasks]
+        if self.cm.task_names != self.names:
+            raise SwitchcitError(f"the SwitchCIT store holds {self.cm.task_names}, not the stream {self.names}: "
+                                 "run the switchcit method to the end first")
+
+    # -- shared pieces ---------------------------------------------------------------------------------
+
+    def features(self, reference: str) -> Features:
+        self.cm.load_adapters()  # a base-model encoder must see the PEFT wrapper, to switch adapters off
+        if reference == self.cm.encoder_reference:
+            encoder = self.cm.encoder
+        elif reference == "base":
+            encoder = load_encoder("base", self.cm.model, self.cm.tokenizer)
+        else:
+            encoder = load_encoder(reference, device=self.cm.device)
+        return stream_features(encoder, self.stream, self.folder)
+
+    def stored_memory(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The features each task retained in the store, and its centroid over all its features."""
+        from safetensors.torch import load_file
+
+        memory, centroids = {}, {}
+        for entry in self.cm.tasks:
+            stored = load_file(str(self.cm.store.path(entry["memory"])))
+            memory[entry["name"]], centroids[entry["name"]] = stored["features"], stored["centroid"]
+        return memory, centroids
+
+    def end_scores(self, seen_routes: list[str], unseen_routes: list[str]) -> dict:
+        """The experts driven by these routes after the last stage: per-task scores, AP, unseen scores."""
+        return self._scores(self.method.generate_routed, seen_routes, unseen_routes)
+
+    def _scores(self, generate, seen_routes: list[str], unseen_routes: list[str]) -> dict:
+        seen = [e for t in self.stream.tasks for e in t.seen]
+        unseen = [e for t in self.stream.tasks for e in t.unseen]
+        answers = generate([e.prompt for e in seen + unseen], seen_routes + unseen_routes)
+        final, final_unseen, at = {}, {}, 0
+        for task in self.stream.tasks:
+            final[task.name] = self.scorer(task, task.seen, answers[at:at + len(task.seen)])[task.metric]
+            at += len(task.seen)
+        for task in [t for t in self.stream.tasks if t.unseen]:
+            final_unseen[task.name] = self.scorer(task, task.unseen, answers[at:at + len(task.unseen)])[task.metric]
+            at += len(task.unseen)
+        return {"final": final, "ap": sum(final.values()) / len(final), "final_unseen": final_unseen}
+
+    def _final_routes(self, router, features: Features) -> tuple[list[str], list[str]]:
+        import torch
+
+        unseen = [features["unseen"][t] for t in self.names if t in features["unseen"]]
+        return (router.route(torch.cat([features["seen"][t] for t in self.names])),
+                router.route(torch.cat(unseen)) if unseen else [])
+
+    # -- router comparison -----------------------------------------------------------------------------
+
+    def routers(self) -> dict:
+        """Per router: accuracy after each stage, on unseen wordings, and end scores with it at the wheel."""
+        features = self.features(self.cm.encoder_reference)
+        memory, centroids = self.stored_memory()
+        unseen_tasks = [t for t in self.names if t in features["unseen"]]
+        results = {}
+        for kind in [r for r in self.config.routers if r != ARROW]:
+            accuracy, router = [], None
+            for i, task in enumerate(self.names):
+                seen = self.names[:i + 1]
+                if kind == "knn":  # it routes at request time: only what the store keeps is there
+                    pool = {t: memory[t] for t in seen}
+                else:  # trained like the switch: the newest task's full features, the memory of the rest
+                    pool = {**{t: memory[t] for t in seen[:-1]}, task: features["train"][task]}
+                router = fit_router(kind, pool, self.cm.switch_config, centroids=centroids, k=self.config.knn_k)
+                accuracy.append(_accuracy(router, features["seen"], seen))
+            results[kind] = {"accuracy": accuracy,
+                             "unseen_accuracy": _accuracy(router, features["unseen"], unseen_tasks)
+                             if unseen_tasks else None,
+                             **self.end_scores(*self._final_routes(router, features))}
+        if ARROW in self.config.routers:
+            results[ARROW] = {"accuracy": None, "unseen_accuracy": None, **self.arrow()}
+        return {"encoder": self.cm.encoder_reference, "knn_k": self.config.knn_k,
+                "arrow_top_k": self.config.arrow_top_k, "routers": results}
+
+    def arrow(self) -> dict:
+        """PEFT's Arrow over the same experts: per token and layer, the top-k adapters whose weights' main
+        direction best matches the hidden state are mixed. Needs no features and no training."""
+        from peft import ArrowConfig, create_arrow_model
+
+        from ..models import load_base_model
+        from .methods import generate_batch
+
+        model = None
+        key = f"arrow-top{self.config.arrow_top_k}@{len(self.names)}"
+
+        def run(batch):
+            nonlocal model
+            if model is None:
+                base, tokenizer = load_base_model(self.cm.base_reference, self.cm.device, self.cm.dtype)
+                paths = [str(self.cm.store.path(t["adapter"])) for t in self.cm.tasks]
+                config = ArrowConfig(top_k=min(self.config.arrow_top_k, len(paths)), rng_seed=self.seed)
+                model = (create_arrow_model(base, paths, config).eval(), tokenizer)
+            return generate_batch(*model, [p for _, p in batch], self.method.setup.max_new_tokens)
+
+        def generate(prompts: list[str], _routes: list[str]) -> list[str]:
+            return self.method.setup.cache.generate([(key, p) for p in prompts], run, desc="generate arrow")
+
+        seen = [e.prompt for t in self.stream.tasks for e in t.seen]
+        unseen = [e.prompt for t in self.stream.tasks for e in t.unseen]
+        return self._scores(generate, [ARROW] * len(seen), [ARROW] * len(unseen))
+
+    # -- memory budget ---------------------------------------------------------------------------------
+
+    def memory(self) -> dict:
+        """Per encoder and retained percentage: switch accuracy after each stage, on unseen wordings, and AP."""
+        from tqdm.auto import tqdm
+
+        encoders = self.config.encoders or list(dict.fromkeys([self.cm.encoder_reference, "base"]))
+        rows = []
+        progress = self.method.setup.progress
+        for reference in tqdm(encoders, desc="memory study", unit="encoder", disable=not progress):
+            features = self.features(reference)
+            unseen_tasks = [t for t in self.names if t in features["unseen"]]
+            for percent in self.config.memory_percents:
+                keep = MemoryConfig(fraction=percent / 100, min_per_task=1, seed=self.seed)
+                memory = {t: select_memory(features["train"][t], keep) for t in self.names}
+                accuracy, router = [], None
+                for i, task in enumerate(self.names):
+                    pool = {**{t: memory[t] for t in self.names[:i]}, task: features["train"][task]}
+                    router = fit_router("mlp", pool, self.cm.switch_config)
+                    accuracy.append(_accuracy(router, features["seen"], self.names[:i + 1]))
+                dim = int(features["seen"][self.names[0]].shape[1])
+                rows.append({"encoder": reference, "percent": percent, "dim": dim,
+                             "kept_per_task": [len(memory[t]) for t in self.names], "accuracy": accuracy,
+                             "unseen_accuracy": _accuracy(router, features["unseen"], unseen_tasks)
+                             if unseen_tasks else None,
+                             **self.end_scores(*self._final_routes(router, features))})
+        return {"rows": rows, "min_per_task": 1}
+
+
+def run_studies(config: StudyConfig, stream: Stream, method: SwitchCIT, scorer, out: Path, seed: int) -> dict:
+    """Both studies, as results.json's 'studies' entry (either part skipped when it has nothing to run)."""
+    studies = Studies(config, stream, method, scorer, out, seed)
+    found = {}
+    if config.routers:
+        found["routers"] = studies.routers()
+    if config.memory_percents:
+        found["memory"] = studies.memory()
+    return found

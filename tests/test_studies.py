@@ -1,0 +1,86 @@
+"""Routers (MLP switch, nearest centroid, kNN, Arrow) and the memory-budget study, on tiny real models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_bench import bench
+
+from switchcit import ContinualModel, SwitchcitError
+from switchcit.bench.streams import load_stream
+from switchcit.routers import fit_router
+
+
+def clusters(seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Three tasks whose features sit around three random directions: (train, test) per task."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(3, 16, generator=g) * 3
+    make = {t: (lambda n, c=c: c + torch.randn(n, 16, generator=g)) for t, c in zip("abc", centres)}
+    return {t: f(40) for t, f in make.items()}, {t: f(20) for t, f in make.items()}
+
+
+@pytest.mark.parametrize("kind", ["mlp", "centroid", "knn"])
+def test_each_router_separates_clustered_tasks(kind):
+    train, test = clusters()
+    router = fit_router(kind, train)
+    for task, features in test.items():
+        routed = router.route(features)
+        assert sum(r == task for r in routed) >= 19, (kind, task, routed)
+
+
+def test_centroid_router_uses_given_centroids_and_knn_votes_by_neighbours():
+    train, test = clusters()
+    swapped = {"a": train["b"].mean(0), "b": train["a"].mean(0), "c": train["c"].mean(0)}
+    assert set(fit_router("centroid", train, centroids=swapped).route(test["a"])) == {"b"}
+    one_each = {t: f[:1] for t, f in train.items()}
+    assert fit_router("knn", one_each, k=1).route(train["c"][:1]) == ["c"]
+    with pytest.raises(SwitchcitError, match="unknown router 'svm'"):
+        fit_router("svm", train)
+
+
+def test_router_and_memory_studies_on_a_smoke_run(tmp_path, other_tiny_model):
+    out = tmp_path / "run"
+    results = bench("--preset", "smoke", "--out", out, "--methods", "switchcit", "--memory-percents", "1,50",
+                    "--study-encoders", f"embedded:all-MiniLM-L6-v2,base,{other_tiny_model}")
+    tasks = results["tasks"]
+    routers = results["studies"]["routers"]["routers"]
+    assert list(routers) == ["mlp", "centroid", "knn", "arrow"]
+    for name, r in routers.items():
+        assert set(r["final"]) == set(tasks) and r["ap"] == pytest.approx(sum(r["final"].values()) / len(tasks))
+        if name == "arrow":
+            assert r["accuracy"] is None
+        else:
+            assert len(r["accuracy"]) == len(tasks) and all(0 <= a <= 100 for a in r["accuracy"])
+
+    # the study's MLP, refitted from the store's memory, is the switch the store itself routes with
+    stream = load_stream("demo", None, 24, 4, 0)
+    prompts = [e.prompt for t in stream.tasks for e in t.seen]
+    truth = [t.name for t in stream.tasks for _ in t.seen]
+    store_routes = [r.task for r in ContinualModel(out / "switchcit" / "store", fallback=False).route(prompts)]
+    assert routers["mlp"]["accuracy"][-1] == pytest.approx(
+        100 * sum(a == b for a, b in zip(store_routes, truth)) / len(truth))
+
+    rows = results["studies"]["memory"]["rows"]
+    assert [(r["encoder"], r["percent"]) for r in rows] == [
+        (e, p) for e in ("embedded:all-MiniLM-L6-v2", "base", str(other_tiny_model)) for p in (1.0, 50.0)]
+    assert [r["kept_per_task"] for r in rows[:2]] == [[1] * len(tasks), [12] * len(tasks)]
+    assert rows[0]["dim"] == 384 and rows[2]["dim"] != 384 and rows[4]["dim"] != 384
+    assert all(len(r["accuracy"]) == len(tasks) and r["ap"] is not None for r in rows)
+    report = (out / "report.md").read_text()
+    assert "## Router comparison" in report and "## Memory budget" in report
+    assert (out / "routers.png").stat().st_size > 1000 and (out / "memory.png").stat().st_size > 1000
+
+    generated = (out / "generations.jsonl").read_text()
+    again = bench("--preset", "smoke", "--out", out, "--methods", "switchcit", "--memory-percents", "1,50",
+                  "--study-encoders", f"embedded:all-MiniLM-L6-v2,base,{other_tiny_model}")
+    assert again["studies"] == results["studies"]
+    assert (out / "generations.jsonl").read_text() == generated  # a rerun generates nothing anew
+
+
+def test_study_options_are_checked(tmp_path):
+    with pytest.raises(SwitchcitError, match="unknown router"):
+        bench("--preset", "smoke", "--out", tmp_path / "a", "--routers", "mlp,lasso")
+    with pytest.raises(SwitchcitError, match="not a list of numbers"):
+        bench("--preset", "smoke", "--out", tmp_path / "b", "--memory-percents", "1%,2")
+    with pytest.raises(SwitchcitError, match="outside"):
+        bench("--preset", "smoke", "--out", tmp_path / "c", "--memory-percents", "0,1")
