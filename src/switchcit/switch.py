@@ -85,7 +85,8 @@ class CausalLMEncoder:
                     batch = self.tokenizer(list(texts[start:start + self.batch_size]), return_tensors="pt",
                                            padding=True, truncation=True, max_length=self.max_length)
                     batch = {k: v.to(self.model.device) for k, v in batch.items()}
-                    hidden = self.model(**batch, output_hidden_states=True).hidden_states[-1]
+                    # logits_to_keep=1: the LM head runs on one position, not on every token of every prompt
+                    hidden = self.model(**batch, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
                     chunks.append(hidden[:, -1].float().cpu())
         finally:
             self.tokenizer.padding_side = side

@@ -160,8 +160,12 @@ def plot_studies(results: dict, out: Path) -> list[Path]:
         left.set_xticks(range(1, len(tasks) + 1), [f"after {t}" for t in tasks], rotation=20)
         left.set_ylabel("routing accuracy (%)")
         left.legend()
-        right.bar(list(routers), [r["ap"] for r in routers.values()])
+        right.bar_label(right.bar(list(routers), [r["ap"] for r in routers.values()]), fmt="%.1f")
+        for reference, style in (("oracle", "--"), ("zeroshot", ":")):  # the ceiling and the floor, where run
+            if (results["methods"].get(reference) or {}).get("ap") is not None:
+                right.axhline(results["methods"][reference]["ap"], color="k", linestyle=style, label=reference)
         right.set_ylabel("AP after the last stage")
+        right.legend(loc="lower right")
         fig.tight_layout()
         written.append(out / "routers.png")
         fig.savefig(written[-1], dpi=100)
