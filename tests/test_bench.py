@@ -203,8 +203,9 @@ def check_results(results: dict, out: Path, methods: list[str]) -> None:
 
 def test_smoke_bench_on_the_demo_stream_resumes(tmp_path):
     out = tmp_path / "run"
-    results = bench("--preset", "smoke", "--out", out)
+    results = bench("--preset", "smoke", "--out", out, "--routers", "none", "--memory-percents", "none")
     check_results(results, out, list(METHODS))
+    assert "studies" not in results  # both skipped; test_studies.py runs them
     assert results["config"]["stream"] == "demo" and results["versions"]["torch"]
 
     generated = (out / "generations.jsonl").read_text()
@@ -238,6 +239,10 @@ def test_smoke_bench_on_a_cit_sample(tmp_path):
     assert set(switch["secondary"]["hgen"]) == {"constraint", "bleu"}
     report = (out / "report.md").read_text()
     assert "unseen instruction wordings" in report and "BERTScore F1, encoder all-MiniLM-L6-v2" in report
+    routers = results["studies"]["routers"]["routers"]
+    assert all(0 <= routers[r]["unseen_accuracy"] <= 100 for r in ("mlp", "centroid", "knn"))
+    assert set(routers["arrow"]["final_unseen"]) == {"simp", "inqqg", "hgen"}
+    assert all(r["unseen_accuracy"] is not None for r in results["studies"]["memory"]["rows"])
 
 
 def test_smoke_bench_on_a_user_stream(tmp_path, stream):
@@ -246,7 +251,7 @@ def test_smoke_bench_on_a_user_stream(tmp_path, stream):
     with pytest.raises(SwitchcitError, match="unknown method"):
         bench("--preset", "smoke", "--stream", folder, "--out", out, "--methods", "seqlora,finetune")
     results = bench("--preset", "smoke", "--stream", folder, "--out", out, "--methods", "switchcit,replay_1,seqft",
-                    "--seqft-lr", "1e-4")
+                    "--seqft-lr", "1e-4", "--routers", "none", "--memory-percents", "none")
     check_results(results, out, ["switchcit", "replay_1", "seqft"])
     assert results["methods"]["replay_1"]["secondary"][stream[1][0].name]["bleu"] >= 0
     assert results["config"]["seqft_learning_rate"] == 1e-4

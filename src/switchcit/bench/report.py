@@ -161,11 +161,13 @@ def plot_studies(results: dict, out: Path) -> list[Path]:
         left.set_ylabel("routing accuracy (%)")
         left.legend()
         right.bar_label(right.bar(list(routers), [r["ap"] for r in routers.values()]), fmt="%.1f")
-        for reference, style in (("oracle", "--"), ("zeroshot", ":")):  # the ceiling and the floor, where run
-            if (results["methods"].get(reference) or {}).get("ap") is not None:
-                right.axhline(results["methods"][reference]["ap"], color="k", linestyle=style, label=reference)
+        references = [(m, style) for m, style in (("oracle", "--"), ("zeroshot", ":"))  # ceiling and floor
+                      if (results["methods"].get(m) or {}).get("ap") is not None]
+        for m, style in references:
+            right.axhline(results["methods"][m]["ap"], color="k", linestyle=style, label=m)
         right.set_ylabel("AP after the last stage")
-        right.legend(loc="lower right")
+        if references:
+            right.legend(loc="lower right")
         fig.tight_layout()
         written.append(out / "routers.png")
         fig.savefig(written[-1], dpi=100)
