@@ -1,0 +1,149 @@
+"""The FastAPI app: endpoints, API key, metrics; and serving it on a background thread.
+
+No `from __future__ import annotations` here: FastAPI must see the handlers' real `Request` annotations.
+"""
+
+import asyncio
+import json
+import logging
+import secrets
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import TYPE_CHECKING
+
+from ..errors import SwitchcitError
+from .config import ENDPOINTS, ApiError, ServeConfig, invalid
+from .engine import Engine, Metrics
+from .openai_api import parse_ask, response_body, stream_events
+from .upstream import Upstream
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+log = logging.getLogger("switchcit.serve")
+
+
+def create_app(config: ServeConfig) -> "FastAPI":
+    """Load the store (the LLM too unless router-only) and build the app; the worker runs while it is served."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
+    from prometheus_client import CONTENT_TYPE_LATEST
+    from starlette.exceptions import HTTPException
+
+    metrics = Metrics()
+    engine = Engine(config, metrics)
+    upstream = Upstream(config, engine.cm.manifest["base_model"]["reference"]) if config.upstream else None
+    started = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(engine.stop)
+            if upstream:
+                await upstream.client.aclose()
+
+    app = FastAPI(title="switchcit", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.engine = engine
+
+    def error(exc: ApiError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return error(exc)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        code = "not_found" if exc.status_code == 404 else None
+        return error(ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", param=None,
+                              code=code))
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next) -> Response:
+        """API key check, metrics, and a 500 error object (never a stack trace) for anything unexpected."""
+        begin = time.perf_counter()
+        path = request.url.path
+        if config.api_key and path != "/health" and not secrets.compare_digest(
+                request.headers.get("authorization", "").encode(), f"Bearer {config.api_key}".encode()):
+            response = error(ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                                      code="invalid_api_key"))
+        else:
+            try:
+                response = await call_next(request)
+            except Exception:
+                log.exception("unexpected error on %s", path)
+                response = error(ApiError(500, "internal server error", "server_error"))
+        metrics.observe(path if path in ENDPOINTS else "other", response.status_code, time.perf_counter() - begin)
+        return response
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "mode": "generate" if engine.generates else "router",
+                "tasks": len(engine.cm.task_names)}
+
+    @app.get("/metrics")
+    async def metrics_text() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": m, "object": "model", "created": started, "owned_by": "switchcit"}
+                                           for m in engine.models]}
+
+    async def complete(request: Request, chat: bool) -> Response:
+        try:
+            body = json.loads(await request.body())
+        except (ValueError, UnicodeDecodeError):
+            raise invalid("the request body is not valid JSON") from None
+        ask = parse_ask(body, chat, config, engine.models)
+        if upstream is None:
+            answers = await engine.answer(ask.prompts, ask.task, ask.max_tokens)
+            if ask.stream:
+                return StreamingResponse(stream_events(ask, answers), media_type="text/event-stream")
+            return JSONResponse(response_body(ask, answers))
+        routes = [a.route for a in await engine.answer(ask.prompts, ask.task, ask.max_tokens)]
+        if ask.stream:
+            return StreamingResponse(await upstream.open_stream(ask, routes), media_type="text/event-stream")
+        return JSONResponse(await upstream.complete(ask, routes))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await complete(request, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await complete(request, chat=False)
+
+    return app
+
+
+@contextmanager
+def serve_in_thread(app: "FastAPI", host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Serve an app on a background thread (tests, benchmarks, notebooks); yields its base URL.
+
+    Port 0 picks a free port.
+    """
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="switchcit-http", daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise SwitchcitError("the server failed to start (see the log above)")
+        time.sleep(0.02)
+    try:
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join()
+        sock.close()

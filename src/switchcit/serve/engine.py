@@ -1,0 +1,203 @@
+"""The worker: one thread owns the model and answers queued jobs in mixed-adapter batches.
+
+Request handlers queue jobs; the worker gathers concurrent jobs into one batch (bounded size and
+wait), routes them with one encoder pass, generates, and between batches reloads the store when
+`switchcit learn` or `forget` changed its manifest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from ..continual import BASE, ContinualModel, Route
+from ..data import encode_prompt
+from .config import AUTO, POLL_SECONDS, ApiError, ServeConfig, model_not_found
+
+log = logging.getLogger("switchcit.serve")
+
+
+@dataclass
+class Job:
+    prompt: str
+    task: str | None  # a forced task or 'base'; None lets the switch decide
+    max_tokens: int
+    future: Future = field(default_factory=Future)
+
+
+@dataclass(frozen=True)
+class Answer:
+    route: Route
+    text: str = ""  # empty in router-only mode, where the upstream generates
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class Metrics:
+    """Prometheus metrics in a registry of their own, so several servers can live in one process."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter("switchcit_requests", "HTTP requests by endpoint and status code",
+                                ["endpoint", "status"], registry=self.registry)
+        self.errors = Counter("switchcit_errors", "HTTP requests answered with a 4xx or 5xx error",
+                              ["endpoint", "status"], registry=self.registry)
+        self.latency = Histogram("switchcit_request_latency_seconds", "Time to answer a request (streams: "
+                                 "to the first byte)", ["endpoint"], registry=self.registry,
+                                 buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
+        self.prompts = Counter("switchcit_routed_prompts", "Prompts by the task that answered them and how it "
+                               "was chosen (switch, or forced by the request's model)", ["task", "source"],
+                               registry=self.registry)
+        self.batch_size = Histogram("switchcit_batch_size", "Jobs per worker batch", registry=self.registry,
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+
+    def observe(self, endpoint: str, status: int, seconds: float) -> None:
+        self.requests.labels(endpoint, str(status)).inc()
+        self.latency.labels(endpoint).observe(seconds)
+        if status >= 400:
+            self.errors.labels(endpoint, str(status)).inc()
+
+    def render(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+
+class Engine:
+    """Owns the ContinualModel. Only its worker thread touches the model, so batches never interleave."""
+
+    def __init__(self, config: ServeConfig, metrics: Metrics):
+        self.config = config
+        self.metrics = metrics
+        self.generates = config.upstream is None
+        self.cm = ContinualModel(config.store, base_model=config.model, device=config.device, dtype=config.dtype,
+                                 progress=False, fallback=config.fallback)
+        self.cm.store.read()  # a clear error now if the store is missing or corrupt
+        self._stamp = self._manifest_stamp()
+        self._next_poll = time.monotonic() + POLL_SECONDS
+        if self.generates:
+            self.cm.model  # noqa: B018 - load the base model now, not on the first request
+            self.cm.load_adapters()
+        if self.cm.switch is not None:
+            self.cm.encoder  # noqa: B018 - router-only mode loads the encoder and switch, never the LLM
+        self._queue: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="switchcit-worker", daemon=True)
+
+    @property
+    def models(self) -> list[str]:
+        return [AUTO, BASE, *self.cm.task_names]
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._queue.put(None)
+        self._thread.join()
+
+    async def answer(self, prompts: list[str], task: str | None, max_tokens: int) -> list[Answer]:
+        """Queue one job per prompt and wait; a cancelled request drops its jobs that have not started."""
+        jobs = [Job(p, task, max_tokens) for p in prompts]
+        for job in jobs:
+            self._queue.put(job)
+        return list(await asyncio.gather(*(asyncio.wrap_future(j.future) for j in jobs)))
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._poll_store()
+            jobs = self._gather()
+            if jobs:
+                self.metrics.batch_size.observe(len(jobs))
+                self._process(jobs)
+
+    def _gather(self) -> list[Job]:
+        """Block for one job, then take more until the batch is full or the wait is over."""
+        try:
+            first = self._queue.get(timeout=POLL_SECONDS)
+        except queue.Empty:
+            return []
+        jobs = [first]
+        deadline = time.monotonic() + self.config.max_wait_ms / 1000
+        while jobs[-1] is not None and len(jobs) < self.config.max_batch_size:
+            try:
+                jobs.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
+            except queue.Empty:
+                break
+        return [j for j in jobs if j is not None and j.future.set_running_or_notify_cancel()]
+
+    def _process(self, jobs: list[Job]) -> None:
+        try:
+            auto = [j for j in jobs if j.task is None]
+            routes = dict(zip(map(id, auto), self.cm.route([j.prompt for j in auto])))
+        except Exception as exc:
+            self._fail(jobs, exc, "routing")
+            return
+        known = set(self.models)
+        by_length: dict[int, list[tuple[Job, Route]]] = {}
+        for job in jobs:
+            route = routes.get(id(job)) or Route(job.task, None)
+            if route.task not in known:  # forgotten while the request waited
+                job.future.set_exception(model_not_found(route.task, self.models))
+                continue
+            self.metrics.prompts.labels(route.task, "switch" if job.task is None else "forced").inc()
+            if self.generates:
+                by_length.setdefault(job.max_tokens, []).append((job, route))
+            else:
+                job.future.set_result(Answer(route))
+        # One generate call per max_tokens value keeps every answer equal to the same request run alone.
+        for max_tokens, group in by_length.items():
+            try:
+                texts = self.cm.generate_with([j.prompt for j, _ in group], [r.task for _, r in group], max_tokens,
+                                              batch_size=len(group))
+                tokenizer = self.cm.tokenizer
+                answers = [Answer(r, t, len(encode_prompt(tokenizer, j.prompt)),
+                                  len(tokenizer(t, add_special_tokens=False)["input_ids"]))
+                           for (j, r), t in zip(group, texts)]
+            except Exception as exc:
+                self._fail([j for j, _ in group], exc, "generation")
+                continue
+            for (job, _), answer in zip(group, answers):
+                job.future.set_result(answer)
+
+    def _fail(self, jobs: list[Job], exc: Exception, stage: str) -> None:
+        log.error("%s failed for a batch of %d", stage, len(jobs), exc_info=exc)
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        error = ApiError(500, f"{stage} failed: {type(exc).__name__}: {first_line}", "server_error")
+        for job in jobs:
+            job.future.set_exception(error)
+
+    def _manifest_stamp(self) -> tuple | None:
+        try:
+            stat = os.stat(self.cm.store.manifest_path)
+        except FileNotFoundError:
+            return None
+        return stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+    def _poll_store(self) -> None:
+        """Between batches, reload the store if its manifest was replaced; on failure keep serving and retry."""
+        if time.monotonic() < self._next_poll:
+            return
+        self._next_poll = time.monotonic() + POLL_SECONDS
+        stamp = self._manifest_stamp()
+        if stamp is None or stamp == self._stamp:
+            return
+        try:
+            self.cm.refresh()
+            if self.generates:
+                self.cm.load_adapters()
+            if self.cm.switch is not None:
+                self.cm.encoder  # noqa: B018 - the first task of a store brings the encoder
+        except Exception:
+            log.exception("reloading store %s failed; serving the tasks loaded before and retrying", self.cm.store.root)
+            return
+        self._stamp = stamp
+        log.info("store %s reloaded: tasks %s", self.cm.store.root, self.cm.task_names)
