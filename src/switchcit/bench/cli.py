@@ -134,3 +134,9 @@ def cmd_bench(args) -> None:
         ap = "-" if r["ap"] is None else f"{r['ap']:.1f}"
         bwt = "-" if r["bwt"] is None else f"{r['bwt']:+.1f}"
         print(f"  {name:<12} AP {ap:>6}  BWT {bwt:>6}  {r['seconds']:.0f} s")
+    studies = results.get("studies", {})
+    for name, r in studies.get("routers", {}).get("routers", {}).items():
+        accuracy = "" if r["accuracy"] is None else f"  routing {r['accuracy'][-1]:.1f}%"
+        print(f"  router {name:<8} AP {r['ap']:6.1f}{accuracy}")
+    for r in studies.get("memory", {}).get("rows", []):
+        print(f"  memory {r['percent']:g}% {r['encoder']}: routing {r['accuracy'][-1]:.1f}%  AP {r['ap']:.1f}")
