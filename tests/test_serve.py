@@ -69,6 +69,10 @@ def test_routes_each_prompt_to_its_task_and_answers_as_the_library_does(http, st
     assert [c["index"] for c in body["choices"]] == list(range(len(prompts)))
     solo = library.generate_with(prompts[::10], routed[::10], 6, batch_size=1)
     assert [c["text"] for c in body["choices"][::10]] == solo
+    counted = library.complete(prompts, routed, 6)  # usage is the exact count of generated tokens
+    assert body["usage"]["completion_tokens"] == sum(c.tokens for c in counted)
+    assert [c["finish_reason"] for c in body["choices"]] == ["stop" if c.stopped else "length" for c in counted]
+    assert all(0 < c.tokens <= 6 and (c.stopped or c.tokens == 6) for c in counted)
 
     one = http.post("/v1/chat/completions", json=chat(prompts[0])).json()
     assert one["object"] == "chat.completion" and one["model"] == "switchcit"
@@ -265,7 +269,7 @@ def test_bad_completion_requests_and_keys(server, http):
 def test_a_failing_generation_answers_500_and_the_server_lives_on(trained_store, monkeypatch):
     failing = app(trained_store, api_key=None)
     with serve_in_thread(failing) as url:
-        monkeypatch.setattr(failing.state.engine.cm, "generate_with", lambda *a, **k: 1 / 0)  # fault injection
+        monkeypatch.setattr(failing.state.engine.cm, "complete", lambda *a, **k: 1 / 0)  # fault injection
         response = httpx.post(f"{url}/v1/completions", json={"model": "base", "prompt": "hi", "max_tokens": 2})
         assert response.status_code == 500
         assert response.json()["error"]["type"] == "server_error" and "ZeroDivisionError" in response.text

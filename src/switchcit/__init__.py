@@ -1,12 +1,12 @@
 """switchcit: continual instruction tuning with one LoRA expert per task and a learned switch (SwitchCIT)."""
 
-from .continual import BASE, ContinualModel, Generation, Route
+from .continual import BASE, Completion, ContinualModel, Generation, Route
 from .data import Example, Task, load_examples
 from .errors import SwitchcitError
 from .experts import ExpertConfig
 from .store import Store
 from .switch import MemoryConfig, SwitchConfig
 
-__all__ = ["BASE", "ContinualModel", "Example", "ExpertConfig", "Generation", "MemoryConfig", "Route", "Store",
-           "SwitchConfig", "SwitchcitError", "Task", "load_examples"]
+__all__ = ["BASE", "Completion", "ContinualModel", "Example", "ExpertConfig", "Generation", "MemoryConfig", "Route",
+           "Store", "SwitchConfig", "SwitchcitError", "Task", "load_examples"]
 __version__ = "0.1.0"

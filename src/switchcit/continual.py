@@ -41,6 +41,13 @@ class Route:
 
 
 @dataclass(frozen=True)
+class Completion:
+    text: str
+    tokens: int  # new tokens generated, the end-of-sequence token included
+    stopped: bool  # ended by the end-of-sequence token (False: by the token limit)
+
+
+@dataclass(frozen=True)
 class Generation:
     prompt: str
     task: str
@@ -328,6 +335,11 @@ class ContinualModel:
     def generate_with(self, prompts: list[str], tasks: list[str], max_new_tokens: int = 64,
                       batch_size: int = 16, min_new_tokens: int = 0) -> list[str]:
         """Greedy answers, each prompt with its task's adapter ('base': none); one batch mixes adapters."""
+        return [c.text for c in self.complete(prompts, tasks, max_new_tokens, batch_size, min_new_tokens)]
+
+    def complete(self, prompts: list[str], tasks: list[str], max_new_tokens: int = 64, batch_size: int = 16,
+                 min_new_tokens: int = 0) -> list[Completion]:
+        """`generate_with`, with each answer's exact count of new tokens and why it ended (for API usage)."""
         import torch
         from tqdm.auto import tqdm
 
@@ -338,7 +350,7 @@ class ContinualModel:
         tokenizer = self.tokenizer
         encoded = [encode_prompt(tokenizer, p) for p in prompts]
         order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-        outputs: list[str] = [""] * len(prompts)
+        outputs: list[Completion] = [Completion("", 0, True)] * len(prompts)
         starts = range(0, len(order), batch_size)
         quiet = not self.progress or len(starts) < 2
         for start in tqdm(starts, desc="generate", unit="batch", leave=False, disable=quiet):
@@ -357,7 +369,11 @@ class ContinualModel:
                                           pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                                           **kwargs)
             for r, i in enumerate(rows):
-                outputs[i] = tokenizer.decode(out[r, width:], skip_special_tokens=True).strip()
+                new = out[r, width:].tolist()
+                stopped = tokenizer.eos_token_id in new  # padding follows the end token of rows done early
+                count = new.index(tokenizer.eos_token_id) + 1 if stopped else len(new)
+                outputs[i] = Completion(tokenizer.decode(new[:count], skip_special_tokens=True).strip(), count,
+                                        stopped)
         return outputs
 
 

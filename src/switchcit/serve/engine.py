@@ -37,6 +37,7 @@ class Answer:
     text: str = ""  # empty in router-only mode, where the upstream generates
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    stopped: bool = True  # ended by the model's end token, not by max_tokens
 
 
 class Metrics:
@@ -156,12 +157,10 @@ class Engine:
         # One generate call per max_tokens value keeps every answer equal to the same request run alone.
         for max_tokens, group in by_length.items():
             try:
-                texts = self.cm.generate_with([j.prompt for j, _ in group], [r.task for _, r in group], max_tokens,
-                                              batch_size=len(group))
-                tokenizer = self.cm.tokenizer
-                answers = [Answer(r, t, len(encode_prompt(tokenizer, j.prompt)),
-                                  len(tokenizer(t, add_special_tokens=False)["input_ids"]))
-                           for (j, r), t in zip(group, texts)]
+                done = self.cm.complete([j.prompt for j, _ in group], [r.task for _, r in group], max_tokens,
+                                        batch_size=len(group))
+                answers = [Answer(r, c.text, len(encode_prompt(self.cm.tokenizer, j.prompt)), c.tokens, c.stopped)
+                           for (j, r), c in zip(group, done)]
             except Exception as exc:
                 self._fail([j for j, _ in group], exc, "generation")
                 continue

@@ -129,7 +129,7 @@ def _finish(ask: Ask, answer: Answer) -> tuple[str, str]:
     cuts = [answer.text.find(s) for s in ask.stop if s in answer.text]
     if cuts:
         return answer.text[:min(cuts)], "stop"
-    return answer.text, "length" if answer.completion_tokens >= ask.max_tokens else "stop"
+    return answer.text, "stop" if answer.stopped else "length"
 
 
 def _usage(answers: list[Answer]) -> dict:
