@@ -61,6 +61,8 @@ def test_mixed_batch_equals_each_task_alone(trained_store, stream):
             logits.append(cm.model(input_ids=ids, adapter_names=[task]).logits)
     assert not torch.allclose(logits[0], logits[1], atol=1e-3)
     assert not torch.allclose(logits[1], logits[2], atol=1e-3)
+    with pytest.raises(SwitchcitError, match="one task per prompt"):
+        cm.generate_with(prompts, tasks[:-1])
 
 
 def test_learned_adapter_lowers_loss_on_its_task(trained_store, stream):

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from test_bench import bench
 
 from switchcit import ContinualModel, SwitchcitError
+from switchcit.bench.cli import BASE, PRESETS
 from switchcit.bench.streams import load_stream
 from switchcit.routers import fit_router
 
@@ -36,6 +38,8 @@ def test_centroid_router_uses_given_centroids_and_knn_votes_by_neighbours():
     assert fit_router("knn", one_each, k=1).route(train["c"][:1]) == ["c"]
     with pytest.raises(SwitchcitError, match="unknown router 'svm'"):
         fit_router("svm", train)
+    with pytest.raises(SwitchcitError, match="k of at least 1"):
+        fit_router("knn", train, k=0)
 
 
 def test_router_and_memory_studies_on_a_smoke_run(tmp_path, other_tiny_model):
@@ -53,17 +57,24 @@ def test_router_and_memory_studies_on_a_smoke_run(tmp_path, other_tiny_model):
             assert len(r["accuracy"]) == len(tasks) and all(0 <= a <= 100 for a in r["accuracy"])
 
     # the study's MLP, refitted from the store's memory, is the switch the store itself routes with
-    stream = load_stream("demo", None, 24, 4, 0)
+    smoke = {**BASE, **PRESETS["smoke"]}
+    stream = load_stream("demo", None, smoke["train_examples"], smoke["eval_examples"], smoke["seed"])
     prompts = [e.prompt for t in stream.tasks for e in t.seen]
     truth = [t.name for t in stream.tasks for _ in t.seen]
-    store_routes = [r.task for r in ContinualModel(out / "switchcit" / "store", fallback=False).route(prompts)]
+    cm = ContinualModel(out / "switchcit" / "store", fallback=False)
+    store_routes = [r.task for r in cm.route(prompts)]
     assert routers["mlp"]["accuracy"][-1] == pytest.approx(
         100 * sum(a == b for a, b in zip(store_routes, truth)) / len(truth))
+    features = load_file(str(out / "studies" / "features-embedded_all-MiniLM-L6-v2.safetensors"))
+    memory = {t["name"]: load_file(str(cm.store.path(t["memory"])))["features"] for t in cm.tasks}
+    pool = {**{t: memory[t] for t in tasks[:-1]}, tasks[-1]: features[f"train/{tasks[-1]}"]}
+    seen = torch.cat([features[f"seen/{t}"] for t in tasks])
+    assert fit_router("mlp", pool).route(seen) == cm.switch.predict(seen)[0] == store_routes
 
     rows = results["studies"]["memory"]["rows"]
     assert [(r["encoder"], r["percent"]) for r in rows] == [
         (e, p) for e in ("embedded:all-MiniLM-L6-v2", "base", str(other_tiny_model)) for p in (1.0, 50.0)]
-    assert [r["kept_per_task"] for r in rows[:2]] == [[1] * len(tasks), [12] * len(tasks)]
+    assert [r["kept_per_earlier_task"] for r in rows[:2]] == [[1] * (len(tasks) - 1), [12] * (len(tasks) - 1)]
     assert rows[0]["dim"] == 384 and rows[2]["dim"] != 384 and rows[4]["dim"] != 384
     assert all(len(r["accuracy"]) == len(tasks) and r["ap"] is not None for r in rows)
     report = (out / "report.md").read_text()

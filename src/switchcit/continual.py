@@ -45,6 +45,7 @@ class Completion:
     text: str
     tokens: int  # new tokens generated, the end-of-sequence token included
     stopped: bool  # ended by the end-of-sequence token (False: by the token limit)
+    prompt_tokens: int  # the prompt as the model saw it, chat template included
 
 
 @dataclass(frozen=True)
@@ -339,10 +340,12 @@ class ContinualModel:
 
     def complete(self, prompts: list[str], tasks: list[str], max_new_tokens: int = 64, batch_size: int = 16,
                  min_new_tokens: int = 0) -> list[Completion]:
-        """`generate_with`, with each answer's exact count of new tokens and why it ended (for API usage)."""
+        """`generate_with`, with each answer's exact token counts and why it ended (for API usage)."""
         import torch
         from tqdm.auto import tqdm
 
+        if len(tasks) != len(prompts):
+            raise SwitchcitError(f"{len(prompts)} prompts but {len(tasks)} tasks: give one task per prompt")
         unknown = sorted(set(tasks) - set(self.task_names) - {BASE})
         if unknown:
             raise SwitchcitError(f"unknown task(s) {unknown}: known are {self.task_names} and '{BASE}'")
@@ -350,7 +353,7 @@ class ContinualModel:
         tokenizer = self.tokenizer
         encoded = [encode_prompt(tokenizer, p) for p in prompts]
         order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-        outputs: list[Completion] = [Completion("", 0, True)] * len(prompts)
+        outputs: list[Completion] = [Completion("", 0, True, 0)] * len(prompts)
         starts = range(0, len(order), batch_size)
         quiet = not self.progress or len(starts) < 2
         for start in tqdm(starts, desc="generate", unit="batch", leave=False, disable=quiet):
@@ -373,9 +376,8 @@ class ContinualModel:
                 stopped = tokenizer.eos_token_id in new  # padding follows the end token of rows done early
                 count = new.index(tokenizer.eos_token_id) + 1 if stopped else len(new)
                 outputs[i] = Completion(tokenizer.decode(new[:count], skip_special_tokens=True).strip(), count,
-                                        stopped)
+                                        stopped, len(encoded[i]))
         return outputs
-
 
     @contextmanager
     def _adapters_for(self, names: list[str]) -> Iterator[dict]:

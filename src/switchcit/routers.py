@@ -1,8 +1,10 @@
 """Routers over the switch's features: the trained MLP switch and two training-free ones to compare it with.
 
-A router is fitted on features per task (the newest task's full features plus the retained memory of
-earlier tasks, as the switch is) and maps features to task names. The training-free routers need no
-training step at all, which makes them the natural baseline for the learned switch:
+A router is fitted on features per task and maps features to task names. Which features it gets is
+the caller's choice: the switch is trained on the newest task's full features plus the retained memory
+of earlier tasks; a kNN router, which needs its features at request time, can only have what the store
+keeps. The training-free routers need no training step at all, which makes them the natural baseline
+for the learned switch:
 
 - nearest centroid: the task whose mean feature is closest in cosine distance;
 - k nearest neighbours: a similarity-weighted vote of the k closest retained features.
@@ -59,7 +61,7 @@ class NearestNeighbours:
         similarity = 1.0 - cosine_distance(features, self.memory)
         top, index = similarity.topk(min(self.k, len(self.memory)), dim=1)
         votes = torch.zeros(len(features), len(self.labels))
-        votes.scatter_add_(1, self.owners[index], top.clamp_min(0) + 1e-6)  # ties go to the closer neighbours
+        votes.scatter_add_(1, self.owners[index], top.clamp_min(0) + 1e-6)  # dissimilar neighbours still count
         return [self.labels[i] for i in votes.argmax(dim=1).tolist()]
 
 
@@ -77,6 +79,8 @@ def fit_router(kind: str, features_by_task: dict[str, torch.Tensor], switch_conf
         means = centroids or {t: f.float().mean(dim=0) for t, f in features_by_task.items()}
         return NearestCentroid(labels, torch.stack([means[t].float() for t in labels]))
     if kind == "knn":
+        if k < 1:
+            raise SwitchcitError(f"kNN needs k of at least 1, not {k}")
         memory = torch.cat([features_by_task[t].float() for t in labels])
         owners = torch.cat([torch.full((len(features_by_task[t]),), i) for i, t in enumerate(labels)])
         return NearestNeighbours(labels, memory, owners, k)

@@ -138,10 +138,10 @@ def _studies_section(results: dict) -> list[str]:
                   "The switch retrained stage by stage on the newest task's features plus p% of every earlier "
                   f"task's (at least {spec['min_per_task']}), per encoder; the fallback is off. 'base' is the base "
                   "model's last-token hidden state. AP: the experts driven by the last stage's switch.", ""]
-        lines += _table(["encoder", "dim", "retained %", "kept per task", "accuracy after each stage",
+        lines += _table(["encoder", "dim", "retained %", "kept per earlier task", "accuracy after each stage",
                          *(["unseen-wording accuracy"] if unseen else []), "AP"],
                         [[f"`{r['encoder']}`", str(r["dim"]), f"{r['percent']:g}",
-                          ", ".join(map(str, r["kept_per_task"])), _accuracies(r["accuracy"]),
+                          ", ".join(map(str, r["kept_per_earlier_task"])), _accuracies(r["accuracy"]),
                           *([_cell(r["unseen_accuracy"])] if unseen else []), _cell(r["ap"])] for r in spec["rows"]])
     return lines
 
@@ -159,7 +159,8 @@ def plot_studies(results: dict, out: Path) -> list[Path]:
                 left.plot(range(1, len(tasks) + 1), r["accuracy"], marker="o", label=name)
         left.set_xticks(range(1, len(tasks) + 1), [f"after {t}" for t in tasks], rotation=20)
         left.set_ylabel("routing accuracy (%)")
-        left.legend()
+        if left.lines:
+            left.legend()
         right.bar_label(right.bar(list(routers), [r["ap"] for r in routers.values()]), fmt="%.1f")
         references = [(m, style) for m, style in (("oracle", "--"), ("zeroshot", ":"))  # ceiling and floor
                       if (results["methods"].get(m) or {}).get("ap") is not None]

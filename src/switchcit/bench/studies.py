@@ -51,6 +51,12 @@ class StudyConfig:
         bad = [p for p in self.memory_percents if not 0 < p <= 100]
         if bad:
             raise SwitchcitError(f"memory percentages {bad} are outside (0, 100]: give values like 0.01,1,10")
+        if ARROW in self.routers:  # checked now, not after an hour of benchmark
+            try:
+                from peft import ArrowConfig, create_arrow_model  # noqa: F401
+            except ImportError:
+                raise SwitchcitError("the arrow router needs a PEFT with Arrow routing: pip install -U peft, or "
+                                     "leave arrow out of --routers") from None
 
 
 Features = dict[str, dict[str, "torch.Tensor"]]  # split ('train', 'seen', 'unseen') -> task -> [n, dim]
@@ -231,7 +237,7 @@ class Studies:
                     accuracy.append(_accuracy(router, features["seen"], self.names[:i + 1]))
                 dim = int(features["seen"][self.names[0]].shape[1])
                 rows.append({"encoder": reference, "percent": percent, "dim": dim,
-                             "kept_per_task": [len(memory[t]) for t in self.names], "accuracy": accuracy,
+                             "kept_per_earlier_task": [len(memory[t]) for t in self.names[:-1]], "accuracy": accuracy,
                              "unseen_accuracy": _accuracy(router, features["unseen"], unseen_tasks)
                              if unseen_tasks else None,
                              **self.end_scores(*self._final_routes(router, features))})

@@ -17,7 +17,6 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from ..continual import BASE, ContinualModel, Route
-from ..data import encode_prompt
 from .config import AUTO, POLL_SECONDS, ApiError, ServeConfig, model_not_found
 
 log = logging.getLogger("switchcit.serve")
@@ -159,8 +158,7 @@ class Engine:
             try:
                 done = self.cm.complete([j.prompt for j, _ in group], [r.task for _, r in group], max_tokens,
                                         batch_size=len(group))
-                answers = [Answer(r, c.text, len(encode_prompt(self.cm.tokenizer, j.prompt)), c.tokens, c.stopped)
-                           for (j, r), c in zip(group, done)]
+                answers = [Answer(r, c.text, c.prompt_tokens, c.tokens, c.stopped) for (_, r), c in zip(group, done)]
             except Exception as exc:
                 self._fail([j for j, _ in group], exc, "generation")
                 continue
