@@ -54,8 +54,7 @@ def measure(peft, batch: int, adapters: int, prompt_len: int, new_tokens: int, r
     from switchcit.mixed import MixedLoRA
 
     names = [f"t{i % adapters}" for i in range(batch)]
-    ids = torch.randint(10, peft.config.vocab_size if hasattr(peft.config, "vocab_size") else 500,
-                        (batch, prompt_len), device=device)
+    ids = torch.randint(10, peft.config.vocab_size, (batch, prompt_len), device=device)
     mask = torch.ones_like(ids)
     gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
                pad_token_id=0)

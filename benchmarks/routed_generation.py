@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from switchcit import ContinualModel, ExpertConfig
+from switchcit import ContinualModel, ExpertConfig, Task
 from switchcit.demo import demo_stream
 
 
@@ -31,7 +31,7 @@ def build(store: Path, model: str | None, adapters: int, rank: int) -> tuple[Con
     cm = ContinualModel(store, base_model=model, progress=False,
                         expert_config=ExpertConfig(r=rank, alpha=2 * rank, max_steps=1, batch_size=1))
     stream = demo_stream(n_train=8, n_test=64, seed=0)
-    stream = [(train.__class__(f"{train.name}-{i}", train.examples), test)
+    stream = [(Task(f"{train.name}-{i}", train.examples), test)
               for i, (train, test) in enumerate((stream * adapters)[:adapters])]
     for train, _ in stream:
         cm.learn(train)

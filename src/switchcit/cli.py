@@ -9,16 +9,9 @@ import sys
 from .bench import add_parser as add_bench_parser
 from .bench import cmd_bench
 from .errors import SwitchcitError
+from .options import fallback_option, model_options
 from .serve import add_parser as add_serve_parser
 from .serve import cmd_serve
-
-
-def _model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--model", default=None,
-                   help="base model: Hugging Face id or local folder (default: the store's, else embedded SmolLM2)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
 def _prompt_options(p: argparse.ArgumentParser) -> None:
@@ -26,8 +19,7 @@ def _prompt_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompts to answer")
     p.add_argument("--file", help="JSONL file of prompts in the learning-data format (output optional)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p.add_argument("--no-fallback", action="store_true",
-                   help="always use the nearest task's adapter, even for prompts unlike every learned task")
+    fallback_option(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,17 +42,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "folder, 'base' (the base model's last-token state), or a causal LM id (default: MiniLM)")
     p.add_argument("--memory-fraction", type=float, default=0.01, help="share of examples kept as features")
     p.add_argument("--memory-min", type=int, default=16, help="minimum features kept per task")
-    _model_options(p)
+    model_options(p)
 
     p = sub.add_parser("route", help="print the task each prompt is routed to")
     _prompt_options(p)
-    _model_options(p)
+    model_options(p)
 
     p = sub.add_parser("generate", help="answer prompts, each with its routed task's adapter")
     _prompt_options(p)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=16)
-    _model_options(p)
+    model_options(p)
 
     p = sub.add_parser("tasks", help="list the tasks in a store")
     p.add_argument("--store", required=True)
@@ -84,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-examples", type=int, default=200)
     p.add_argument("--test-examples", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
-    _model_options(p)
+    model_options(p)
 
     add_serve_parser(sub)
     add_bench_parser(sub)

@@ -225,18 +225,16 @@ class ContinualModel:
                 switch, switch_path = self._commit([*others, entry], {task.name: features})
             self._load_adapter(task.name, adapter)
         finally:
-            self._drop_training_adapter()
+            if _TRAINING in self._peft.peft_config:
+                self._remove_adapter(_TRAINING)
         self._sync_loaded()
         self._switch, self._switch_path = switch, switch_path
         return entry
 
-    def _drop_training_adapter(self) -> None:
-        if _TRAINING in self._peft.peft_config:
-            self._remove_adapter(_TRAINING)
-
     def _remove_adapter(self, name: str) -> None:
         """Delete one adapter from memory; the last one going returns the bare base model."""
         self._loaded.pop(name, None)
+        self._mixed, self._mixed_key = None, ()  # its stacked weights include this adapter's
         if len(self._peft.peft_config) == 1:
             self._model = self._peft.unload()
             self._wrap(None)
@@ -244,7 +242,11 @@ class ContinualModel:
         with warnings.catch_warnings():  # PEFT warns when the active adapter goes; another is set below
             warnings.simplefilter("ignore")
             self._peft.delete_adapter(name)
-        self._peft.set_adapter(next(iter(self._peft.peft_config)))
+        self._activate(next(iter(self._peft.peft_config)))
+
+    def _activate(self, name: str) -> None:
+        """Make one adapter the active one, for inference (PEFT's set_adapter makes it trainable)."""
+        self._peft.set_adapter(name)
         self._peft.requires_grad_(False)
 
     def _check_new_name(self, name: str, replace: bool) -> None:
@@ -292,7 +294,7 @@ class ContinualModel:
         generation = self.manifest.get("generation", 0) + 1
         switch, path = None, None
         if tasks:
-            switch = train_switch(by_task, regions, self.switch_config)
+            switch = train_switch(by_task, self.switch_config, regions)
             path = self.store.fresh("switch", f"v{generation}")
             switch.save(self.store.path(path))
         manifest = dict(self.manifest, tasks=tasks, switch=path, generation=generation)
@@ -306,8 +308,9 @@ class ContinualModel:
             self.manifest = self.store.read()
             if name not in self.task_names:
                 raise SwitchcitError(f"task '{name}' is not in store {self.store.root}: known are {self.task_names}")
-            self._commit([t for t in self.tasks if t["name"] != name], {})
+            switch = self._commit([t for t in self.tasks if t["name"] != name], {})
         self._sync_loaded()
+        self._switch, self._switch_path = switch  # just trained: no need to read it back
 
     # -- inference -------------------------------------------------------------------------------
 
@@ -341,7 +344,6 @@ class ContinualModel:
     def complete(self, prompts: list[str], tasks: list[str], max_new_tokens: int = 64, batch_size: int = 16,
                  min_new_tokens: int = 0) -> list[Completion]:
         """`generate_with`, with each answer's exact token counts and why it ended (for API usage)."""
-        import torch
         from tqdm.auto import tqdm
 
         if len(tasks) != len(prompts):
@@ -350,33 +352,19 @@ class ContinualModel:
         if unknown:
             raise SwitchcitError(f"unknown task(s) {unknown}: known are {self.task_names} and '{BASE}'")
         self.load_adapters()
-        tokenizer = self.tokenizer
-        encoded = [encode_prompt(tokenizer, p) for p in prompts]
+        encoded = [encode_prompt(self.tokenizer, p) for p in prompts]
         order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
         outputs: list[Completion] = [Completion("", 0, True, 0)] * len(prompts)
         starts = range(0, len(order), batch_size)
         quiet = not self.progress or len(starts) < 2
         for start in tqdm(starts, desc="generate", unit="batch", leave=False, disable=quiet):
             rows = order[start:start + batch_size]
-            width = max(len(encoded[i]) for i in rows)
-            ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for r, i in enumerate(rows):
-                ids[r, width - len(encoded[i]):] = torch.tensor(encoded[i])
-                mask[r, width - len(encoded[i]):] = 1
             names = [_PEFT_BASE if tasks[i] == BASE else tasks[i] for i in rows]
-            with torch.no_grad(), self._adapters_for(names) as kwargs:
-                out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                          max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                                          do_sample=False,
-                                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                                          **kwargs)
-            for r, i in enumerate(rows):
-                new = out[r, width:].tolist()
-                stopped = tokenizer.eos_token_id in new  # padding follows the end token of rows done early
-                count = new.index(tokenizer.eos_token_id) + 1 if stopped else len(new)
-                outputs[i] = Completion(tokenizer.decode(new[:count], skip_special_tokens=True).strip(), count,
-                                        stopped, len(encoded[i]))
+            with self._adapters_for(names) as kwargs:
+                done = greedy(self.model, self.tokenizer, [encoded[i] for i in rows], max_new_tokens,
+                              min_new_tokens, **kwargs)
+            for i, completion in zip(rows, done):
+                outputs[i] = completion
         return outputs
 
     @contextmanager
@@ -388,8 +376,7 @@ class ContinualModel:
                 yield {}
             return
         if len(set(names)) == 1:  # one adapter for the whole batch: PEFT's own single-adapter path
-            self._peft.set_adapter(names[0])
-            self._peft.requires_grad_(False)
+            self._activate(names[0])
             yield {}
             return
         if not self.fast_mixed:
@@ -405,6 +392,32 @@ class ContinualModel:
             return
         with self._mixed.rows(names):
             yield {}
+
+
+def greedy(model, tokenizer, encoded: list[list[int]], max_new_tokens: int, min_new_tokens: int = 0,
+           **generate_kwargs) -> list[Completion]:
+    """Greedy answers to one batch of encoded prompts, left-padded so that every row ends at the same column."""
+    import torch
+
+    width = max(len(e) for e in encoded)
+    ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, e in enumerate(encoded):
+        ids[row, width - len(e):] = torch.tensor(e)
+        mask[row, width - len(e):] = 1
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                             min_new_tokens=min_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id, **generate_kwargs)
+    completions = []
+    for row, e in enumerate(encoded):
+        new = out[row, width:].tolist()
+        stopped = tokenizer.eos_token_id in new  # padding follows the end token of rows done early
+        count = new.index(tokenizer.eos_token_id) + 1 if stopped else len(new)
+        completions.append(Completion(tokenizer.decode(new[:count], skip_special_tokens=True).strip(), count,
+                                      stopped, len(e)))
+    return completions
 
 
 def _absolute_if_local(reference: str) -> str:

@@ -107,11 +107,12 @@ def run_demo(store: str | Path | None = None, model: str | None = None, steps: i
         answers = cm.generate(test.prompts, max_new_tokens)
         rows[test.name]["learned"] = exact_match([a.output for a in answers], [e.output for e in test.examples])
         out(f"  learned {train.name}: {rows[test.name]['learned']:.1f}% exact match")
+    known = []  # held-out prompts of learned tasks that the fallback sent to the base model
     for _, test in stream:
         answers = cm.generate(test.prompts, max_new_tokens)
         rows[test.name]["final"] = exact_match([a.output for a in answers], [e.output for e in test.examples])
         rows[test.name]["routing"] = 100.0 * sum(a.task == test.name for a in answers) / len(answers)
-    known = [r.task == BASE for _, test in stream for r in cm.route(test.prompts)]
+        known += [a.task == BASE for a in answers]
     unknown = [r.task == BASE for r in cm.route(unseen_prompts())]
     seconds = time.perf_counter() - started
     out(format_table(rows))

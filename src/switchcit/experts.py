@@ -167,9 +167,12 @@ def train_params(model, params: list, examples: list[Example], tokenizer: PreTra
             batch = {k: v.to(device) for k, v in collate([rows[i] for i in mine], tokenizer.pad_token_id).items()}
             loss = answer_loss(model, batch, normalizer=sum(answer_tokens[i] for i in indices))
             loss.backward()
-            if world > 1:
-                for param in params:
-                    dist.all_reduce(param.grad)
+            if world > 1:  # one collective for all gradients, not one per tensor
+                grads = [param.grad for param in params]
+                flat = torch.cat([g.reshape(-1) for g in grads])
+                dist.all_reduce(flat)
+                for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+                    g.copy_(part.view_as(g))
                 loss = loss.detach()
                 dist.all_reduce(loss)
             torch.nn.utils.clip_grad_norm_(params, 1.0)

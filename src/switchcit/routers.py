@@ -73,8 +73,7 @@ def fit_router(kind: str, features_by_task: dict[str, torch.Tensor], switch_conf
 
     labels = list(features_by_task)
     if kind == "mlp":
-        regions = {t: (f.float().mean(dim=0), float("inf")) for t, f in features_by_task.items()}
-        return MLPRouter(train_switch(features_by_task, regions, switch_config))
+        return MLPRouter(train_switch(features_by_task, switch_config))
     if kind == "centroid":
         means = centroids or {t: f.float().mean(dim=0) for t, f in features_by_task.items()}
         return NearestCentroid(labels, torch.stack([means[t].float() for t in labels]))

@@ -205,8 +205,10 @@ class Switch:
 
     def known(self, features: torch.Tensor, labels: list[str]) -> list[bool]:
         """Whether each feature lies inside the region of the task it was routed to."""
-        index = [self.labels.index(t) for t in labels]
-        distance = cosine_distance(features, self.centroids[index]).diagonal()
+        import torch
+
+        index = torch.tensor([self.labels.index(t) for t in labels], dtype=torch.long)
+        distance = cosine_distance(features, self.centroids).gather(1, index[:, None])[:, 0]  # n x tasks, not n x n
         return (distance <= self.radii[index]).tolist()
 
     def save(self, folder: Path) -> None:
@@ -233,11 +235,12 @@ class Switch:
         return switch
 
 
-def train_switch(features_by_task: dict[str, torch.Tensor], regions: dict[str, tuple[torch.Tensor, float]],
-                 config: SwitchConfig | None = None) -> Switch:
+def train_switch(features_by_task: dict[str, torch.Tensor], config: SwitchConfig | None = None,
+                 regions: dict[str, tuple[torch.Tensor, float]] | None = None) -> Switch:
     """Fit a fresh switch; classes are weighted by inverse frequency, since memory is tiny next to a new task.
 
-    `regions` gives each task's (centroid, radius) from `fit_region`, fitted once on all its features.
+    `regions` gives each task's (centroid, radius) from `fit_region`, fitted once on all its features, for
+    the unknown-request fallback; without them every prompt counts as known.
     """
     import torch
 
@@ -248,8 +251,9 @@ def train_switch(features_by_task: dict[str, torch.Tensor], regions: dict[str, t
     torch.manual_seed(config.seed)
     switch = Switch(labels, x.shape[1], config.hidden)
     switch.mean, switch.std = x.mean(dim=0), x.std(dim=0, unbiased=False).clamp_min(1e-6)
-    switch.centroids = torch.stack([regions[t][0].float() for t in labels])
-    switch.radii = torch.tensor([float(regions[t][1]) for t in labels])
+    if regions:
+        switch.centroids = torch.stack([regions[t][0].float() for t in labels])
+        switch.radii = torch.tensor([float(regions[t][1]) for t in labels])
     counts = torch.bincount(y, minlength=len(labels)).float()
     loss_fn = torch.nn.CrossEntropyLoss(weight=counts.sum() / (len(labels) * counts))
     optimizer = torch.optim.AdamW(switch.net.parameters(), lr=config.learning_rate,

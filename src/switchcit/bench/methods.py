@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..continual import BASE, ContinualModel
+from ..continual import BASE, ContinualModel, greedy
 from ..data import Example, Task, encode_prompt
 from ..errors import SwitchcitError
 from ..experts import ExpertConfig, train_expert, train_params
@@ -47,22 +47,8 @@ class Setup:
 
 def generate_batch(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
                    max_new_tokens: int) -> list[str]:
-    """Greedy answers to one left-padded batch, prompts in the chat format used for training."""
-    import torch
-
-    encoded = [encode_prompt(tokenizer, p) for p in prompts]
-    width = max(len(e) for e in encoded)
-    ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(encoded), width), dtype=torch.long)
-    for row, e in enumerate(encoded):
-        ids[row, width - len(e):] = torch.tensor(e)
-        mask[row, width - len(e):] = 1
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id)
-    return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+    """Greedy answers to one batch, prompts in the chat format used for training."""
+    return [c.text for c in greedy(model, tokenizer, [encode_prompt(tokenizer, p) for p in prompts], max_new_tokens)]
 
 
 # -- SwitchCIT and the oracle -------------------------------------------------------------------------
@@ -178,8 +164,9 @@ class SequentialFull(SingleModel):
     def train(self, task: Task) -> None:
         expert = self.setup.expert
         config = replace(expert, learning_rate=self.setup.full_learning_rate or expert.learning_rate)
-        train_weights(self.model, self.tokenizer, task.examples, config, self.setup.progress,
-                      f"{self.name} {task.name}")
+        # every weight trains, with the experts' loop (batching, schedule, clipping): only what is trained differs
+        train_params(self.model, list(self.model.parameters()), task.examples, self.tokenizer, config,
+                     self.setup.progress, f"{self.name} {task.name}")
 
     def save(self, folder: Path) -> None:
         self.model.save_pretrained(folder)
@@ -248,19 +235,12 @@ def fresh_lora(model: PreTrainedModel, config: ExpertConfig):
     return get_peft_model(model, config.lora())
 
 
-def train_weights(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: list[Example],
-                  config: ExpertConfig, progress: bool, desc: str) -> None:
-    """Full fine-tuning with the experts' loop (batching, schedule, clipping), so only the trained weights differ."""
-    train_params(model, list(model.parameters()), examples, tokenizer, config, progress, desc)
-
-
 def build(name: str, setup: Setup):
     """A method by its id (see METHODS)."""
-    if name in ("switchcit", "oracle"):
-        return {"switchcit": SwitchCIT, "oracle": Oracle}[name](setup)
     if name in REPLAY_PERCENT:
         return SequentialLoRA(setup, name, REPLAY_PERCENT[name])
-    classes = {"seqlora": SequentialLoRA, "multitask": MultiTask, "seqft": SequentialFull, "zeroshot": ZeroShot}
+    classes = {"switchcit": SwitchCIT, "oracle": Oracle, "seqlora": SequentialLoRA, "multitask": MultiTask,
+               "seqft": SequentialFull, "zeroshot": ZeroShot}
     if name not in classes:
         raise SwitchcitError(f"unknown method '{name}': choose from {', '.join(METHODS)}")
     return classes[name](setup)

@@ -16,6 +16,7 @@ Routers here are judged as classifiers: the unknown-request fallback is off, so 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING
 from ..continual import ContinualModel
 from ..errors import SwitchcitError
 from ..routers import ROUTERS, fit_router
-from ..switch import MemoryConfig, load_encoder, select_memory
+from ..switch import Encoder, MemoryConfig, load_encoder, select_memory
 from .streams import Stream
 
 if TYPE_CHECKING:
@@ -66,14 +67,16 @@ def _slug(reference: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", reference).strip("_")[-80:]
 
 
-def stream_features(encoder, stream: Stream, folder: Path) -> Features:
-    """Features of every training and evaluation prompt, cached on disk per encoder (a rerun reuses them)."""
+def stream_features(reference: str, make_encoder: Callable[[], Encoder], stream: Stream, folder: Path) -> Features:
+    """Features of every training and evaluation prompt, cached on disk per encoder: a rerun reuses them
+    without loading the encoder at all."""
     from safetensors.torch import load_file, save_file
 
-    path = folder / f"features-{_slug(encoder.reference)}.safetensors"
+    path = folder / f"features-{_slug(reference)}.safetensors"
     if path.exists():
         flat = load_file(str(path))
     else:
+        encoder = make_encoder()
         flat = {}
         for task in stream.tasks:
             flat[f"train/{task.name}"] = encoder.encode(task.train.prompts)
@@ -118,14 +121,15 @@ class Studies:
     # -- shared pieces ---------------------------------------------------------------------------------
 
     def features(self, reference: str) -> Features:
-        self.cm.load_adapters()  # a base-model encoder must see the PEFT wrapper, to switch adapters off
-        if reference == self.cm.encoder_reference:
-            encoder = self.cm.encoder
-        elif reference == "base":
-            encoder = load_encoder("base", self.cm.model, self.cm.tokenizer)
-        else:
-            encoder = load_encoder(reference, device=self.cm.device)
-        return stream_features(encoder, self.stream, self.folder)
+        def make_encoder() -> Encoder:
+            if reference == self.cm.encoder_reference:
+                return self.cm.encoder
+            if reference == "base":
+                self.cm.load_adapters()  # the encoder must see the PEFT wrapper, to switch adapters off
+                return load_encoder("base", self.cm.model, self.cm.tokenizer)
+            return load_encoder(reference, device=self.cm.device)
+
+        return stream_features(reference, make_encoder, self.stream, self.folder)
 
     def stored_memory(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """The features each task retained in the store, and its centroid over all its features."""
@@ -139,12 +143,13 @@ class Studies:
 
     def end_scores(self, seen_routes: list[str], unseen_routes: list[str]) -> dict:
         """The experts driven by these routes after the last stage: per-task scores, AP, unseen scores."""
-        return self._scores(self.method.generate_routed, seen_routes, unseen_routes)
+        return self._scores(lambda prompts: self.method.generate_routed(prompts, seen_routes + unseen_routes))
 
-    def _scores(self, generate, seen_routes: list[str], unseen_routes: list[str]) -> dict:
-        seen = [e for t in self.stream.tasks for e in t.seen]
-        unseen = [e for t in self.stream.tasks for e in t.unseen]
-        answers = generate([e.prompt for e in seen + unseen], seen_routes + unseen_routes)
+    def _scores(self, answer: Callable[[list[str]], list[str]]) -> dict:
+        """Score `answer`'s outputs for every seen, then every unseen-wording evaluation prompt."""
+        tasks = self.stream.tasks
+        prompts = [e.prompt for t in tasks for e in t.seen] + [e.prompt for t in tasks for e in t.unseen]
+        answers = answer(prompts)
         final, final_unseen, at = {}, {}, 0
         for task in self.stream.tasks:
             final[task.name] = self.scorer(task, task.seen, answers[at:at + len(task.seen)])[task.metric]
@@ -208,12 +213,8 @@ class Studies:
                 model = (create_arrow_model(base, paths, config).eval(), tokenizer)
             return generate_batch(*model, [p for _, p in batch], self.method.setup.max_new_tokens)
 
-        def generate(prompts: list[str], _routes: list[str]) -> list[str]:
-            return self.method.setup.cache.generate([(key, p) for p in prompts], run, desc="generate arrow")
-
-        seen = [e.prompt for t in self.stream.tasks for e in t.seen]
-        unseen = [e.prompt for t in self.stream.tasks for e in t.unseen]
-        return self._scores(generate, [ARROW] * len(seen), [ARROW] * len(unseen))
+        return self._scores(lambda prompts: self.method.setup.cache.generate([(key, p) for p in prompts], run,
+                                                                             desc="generate arrow"))
 
     # -- memory budget ---------------------------------------------------------------------------------
 

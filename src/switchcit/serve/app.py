@@ -102,12 +102,12 @@ def create_app(config: ServeConfig) -> "FastAPI":
         except (ValueError, UnicodeDecodeError):
             raise invalid("the request body is not valid JSON") from None
         ask = parse_ask(body, chat, config, engine.models)
+        answers = await engine.answer(ask.prompts, ask.task, ask.max_tokens)
         if upstream is None:
-            answers = await engine.answer(ask.prompts, ask.task, ask.max_tokens)
             if ask.stream:
                 return StreamingResponse(stream_events(ask, answers), media_type="text/event-stream")
             return JSONResponse(response_body(ask, answers))
-        routes = [a.route for a in await engine.answer(ask.prompts, ask.task, ask.max_tokens)]
+        routes = [a.route for a in answers]
         if ask.stream:
             return StreamingResponse(await upstream.open_stream(ask, routes), media_type="text/event-stream")
         return JSONResponse(await upstream.complete(ask, routes))

@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 
+from ..options import fallback_option, model_options
 from .app import create_app
 from .config import ServeConfig
 from .upstream import vllm_command
@@ -33,11 +34,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="API key for the upstream (default: $SWITCHCIT_UPSTREAM_API_KEY)")
     p.add_argument("--print-vllm-command", action="store_true",
                    help="print the `vllm serve` command that serves this store's adapters, then exit")
-    p.add_argument("--no-fallback", action="store_true",
-                   help="always use the nearest task's adapter, even for prompts unlike every learned task")
-    p.add_argument("--model", default=None, help="base model (default: the store's)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    fallback_option(p)
+    model_options(p, quiet=False)
     p.set_defaults(func=cmd_serve)
     return p
 

@@ -16,7 +16,7 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from ..continual import BASE, ContinualModel, Route
+from ..continual import BASE, Completion, ContinualModel, Route
 from .config import AUTO, POLL_SECONDS, ApiError, ServeConfig, model_not_found
 
 log = logging.getLogger("switchcit.serve")
@@ -33,10 +33,7 @@ class Job:
 @dataclass(frozen=True)
 class Answer:
     route: Route
-    text: str = ""  # empty in router-only mode, where the upstream generates
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    stopped: bool = True  # ended by the model's end token, not by max_tokens
+    completion: Completion = Completion("", 0, True, 0)  # empty in router-only mode: the upstream generates
 
 
 class Metrics:
@@ -80,14 +77,10 @@ class Engine:
         self.generates = config.upstream is None
         self.cm = ContinualModel(config.store, base_model=config.model, device=config.device, dtype=config.dtype,
                                  progress=False, fallback=config.fallback)
-        self.cm.store.read()  # a clear error now if the store is missing or corrupt
-        self._stamp = self._manifest_stamp()
+        self._stamp = self._manifest_stamp()  # before reading: a commit in between is then picked up by polling
+        self.cm.manifest = self.cm.store.read()  # a clear error now if the store is missing or corrupt
         self._next_poll = time.monotonic() + POLL_SECONDS
-        if self.generates:
-            self.cm.model  # noqa: B018 - load the base model now, not on the first request
-            self.cm.load_adapters()
-        if self.cm.switch is not None:
-            self.cm.encoder  # noqa: B018 - router-only mode loads the encoder and switch, never the LLM
+        self._warm()
         self._queue: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="switchcit-worker", daemon=True)
@@ -158,7 +151,7 @@ class Engine:
             try:
                 done = self.cm.complete([j.prompt for j, _ in group], [r.task for _, r in group], max_tokens,
                                         batch_size=len(group))
-                answers = [Answer(r, c.text, c.prompt_tokens, c.tokens, c.stopped) for (_, r), c in zip(group, done)]
+                answers = [Answer(r, c) for (_, r), c in zip(group, done)]
             except Exception as exc:
                 self._fail([j for j, _ in group], exc, "generation")
                 continue
@@ -171,6 +164,15 @@ class Engine:
         error = ApiError(500, f"{stage} failed: {type(exc).__name__}: {first_line}", "server_error")
         for job in jobs:
             job.future.set_exception(error)
+
+    def _warm(self) -> None:
+        """Load now what requests will need, not on the first one: the LLM and every adapter (unless
+        router-only, which never loads the LLM), and the encoder and switch once a task exists."""
+        if self.generates:
+            self.cm.model  # noqa: B018
+            self.cm.load_adapters()
+        if self.cm.switch is not None:
+            self.cm.encoder  # noqa: B018
 
     def _manifest_stamp(self) -> tuple | None:
         try:
@@ -189,10 +191,7 @@ class Engine:
             return
         try:
             self.cm.refresh()
-            if self.generates:
-                self.cm.load_adapters()
-            if self.cm.switch is not None:
-                self.cm.encoder  # noqa: B018 - the first task of a store brings the encoder
+            self._warm()
         except Exception:
             log.exception("reloading store %s failed; serving the tasks loaded before and retrying", self.cm.store.root)
             return

@@ -126,14 +126,16 @@ def routing(ask: Ask, routes: list[Route]) -> dict | list[dict]:
 
 def _finish(ask: Ask, answer: Answer) -> tuple[str, str]:
     """The answer cut at the first stop string, and OpenAI's finish_reason."""
-    cuts = [answer.text.find(s) for s in ask.stop if s in answer.text]
+    text = answer.completion.text
+    cuts = [text.find(s) for s in ask.stop if s in text]
     if cuts:
-        return answer.text[:min(cuts)], "stop"
-    return answer.text, "stop" if answer.stopped else "length"
+        return text[:min(cuts)], "stop"
+    return text, "stop" if answer.completion.stopped else "length"
 
 
 def _usage(answers: list[Answer]) -> dict:
-    prompt, completion = sum(a.prompt_tokens for a in answers), sum(a.completion_tokens for a in answers)
+    prompt = sum(a.completion.prompt_tokens for a in answers)
+    completion = sum(a.completion.tokens for a in answers)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
