@@ -22,10 +22,14 @@ CIT_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cit"
 needs_cit = pytest.mark.skipif(not (CIT_DIR / "templates.json").is_file(), reason=f"no CIT data at {CIT_DIR}")
 
 
-def bench(*args: str) -> dict:
+def parse(*args: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers(dest="command"))
-    parsed = parser.parse_args(["bench", "-q", *map(str, args)])
+    return parser.parse_args(["bench", "-q", *map(str, args)])
+
+
+def bench(*args: str) -> dict:
+    parsed = parse(*args)
     cmd_bench(parsed)
     return json.loads((Path(parsed.out) / "results.json").read_text())
 
@@ -52,6 +56,9 @@ def test_cit_prompts_use_train_seen_and_unseen_wordings():
         assert all(fits(e.prompt, templates[task.name]["train"]) for e in task.train.examples)
         assert all(fits(e.prompt, templates[task.name]["eval_seen"]) for e in task.seen)
         assert all(fits(e.prompt, templates[task.name]["eval_unseen"]) for e in task.unseen)
+        # each prompt records the template it was worded with
+        assert all(fits(e.prompt, [e.wording]) for e in task.train.examples)
+        assert all(fits(e.prompt, [e.wording]) for e in [*task.seen, *task.unseen])
         assert len(task.unseen) == (10 if task.name in ("simp", "inqqg", "hgen") else 0)
     simp = stream.tasks[0]
     assert len({e.prompt for e in simp.train.examples} & {e.prompt for e in simp.seen}) == 0
@@ -67,12 +74,13 @@ def test_cit_prompts_use_train_seen_and_unseen_wordings():
 def test_cit_record_formatting():
     templates = json.loads((CIT_DIR / "templates.json").read_text())
     emdg = next(r for r in map(json.loads, (CIT_DIR / "emdg" / "train.jsonl").open()) if len(r["context"]) > 2)
-    prompt = cit_prompt("emdg", emdg, templates, "train", random.Random(0))
+    prompt, wording = cit_prompt("emdg", emdg, templates, "train", random.Random(0))
+    assert wording == templates["emdg"]["train"][0]
     assert prompt.startswith(f'The associated emotion is "{emdg["emotion"]}"')
     assert prompt.endswith("\n".join(emdg["context"]))
     exp = json.loads((CIT_DIR / "exp" / "test.jsonl").open().readline())
     assert templates["exp"]["label_phrase"][exp["label"]] in cit_prompt("exp", exp, templates, "eval_seen",
-                                                                        random.Random(0))
+                                                                        random.Random(0))[0]
     assert cit_references("exp", exp) == tuple(exp["explanations"]) and len(exp["explanations"]) == 3
     rng = random.Random(0)
     constraints = {headline_constraint("nec UNK in computer sales tie-up", rng) for _ in range(60)}
@@ -131,7 +139,8 @@ def test_hub_dialogues_become_local_records():
     assert [r["context"] for r in records] == [["i won ."], ["i won .", "great !", "thanks ."]]
     assert [r["response"] for r in records] == ["great !", "how ?"]
     templates = json.loads((CIT_DIR / "templates.json").read_text())
-    assert cit_prompt("emdg", records[1], templates, "train", random.Random(0)).endswith("i won .\ngreat !\nthanks .")
+    prompt, _ = cit_prompt("emdg", records[1], templates, "train", random.Random(0))
+    assert prompt.endswith("i won .\ngreat !\nthanks .")
 
 
 def make_user_stream(folder: Path, stream) -> Path:

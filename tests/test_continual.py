@@ -39,8 +39,11 @@ def test_memory_keeps_features_only(trained_store):
     manifest = json.loads((trained_store / "manifest.json").read_text())
     for entry in manifest["tasks"]:
         tensors = load_file(str(trained_store / entry["memory"]))
-        assert sorted(tensors) == ["centroid", "features", "radius"]  # vectors and the fallback region, no text
-        assert tensors["features"].shape == (entry["memory_size"], manifest["encoder"]["dim"])
+        # vectors, the fallback region and the Gaussian switch's statistics: no text
+        assert sorted(tensors) == ["centroid", "count", "features", "mean", "radius", "ratio", "scatter"]
+        dim = manifest["encoder"]["dim"]
+        assert tensors["features"].shape == (entry["memory_size"], dim)
+        assert tensors["scatter"].shape == (dim, dim) and tensors["count"].item() == entry["examples"]
 
 
 def test_mixed_batch_equals_each_task_alone(trained_store, stream):

@@ -4,8 +4,9 @@ from .continual import BASE, Completion, ContinualModel, Generation, Route
 from .data import Example, Task, load_examples
 from .errors import SwitchcitError
 from .experts import ExpertConfig
+from .memory import MemoryConfig
 from .store import Store
-from .switch import MemoryConfig, SwitchConfig
+from .switch import SwitchConfig
 
 __all__ = ["BASE", "Completion", "ContinualModel", "Example", "ExpertConfig", "Generation", "MemoryConfig", "Route",
            "Store", "SwitchConfig", "SwitchcitError", "Task", "load_examples"]

@@ -12,6 +12,7 @@ from .errors import SwitchcitError
 from .options import fallback_option, model_options
 from .serve import add_parser as add_serve_parser
 from .serve import cmd_serve
+from .switch import ROUTERS
 
 
 def _prompt_options(p: argparse.ArgumentParser) -> None:
@@ -40,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--encoder", default=None, help="switch encoder for a new store: sentence-transformers id or "
                    "folder, 'base' (the base model's last-token state), or a causal LM id (default: MiniLM)")
+    p.add_argument("--router", default=None, choices=ROUTERS,
+                   help="switch for a new store: 'gaussian' (task statistics, forgets nothing; the default) or "
+                        "'mlp' (the paper's MLP over a retained memory)")
     p.add_argument("--memory-fraction", type=float, default=0.01, help="share of examples kept as features")
     p.add_argument("--memory-min", type=int, default=16, help="minimum features kept per task")
     model_options(p)
@@ -108,8 +112,9 @@ def cmd_learn(args) -> None:
     from .continual import ContinualModel
     from .data import Task, load_examples
     from .experts import ExpertConfig
+    from .memory import MemoryConfig
     from .store import Store
-    from .switch import MemoryConfig
+    from .switch import SwitchConfig
 
     task = Task(args.task, load_examples(args.data))
     store = Store(args.store)
@@ -119,7 +124,8 @@ def cmd_learn(args) -> None:
                           epochs=args.epochs, max_steps=args.max_steps, seed=args.seed)
     cm = ContinualModel(args.store, base_model=args.model, encoder=args.encoder, device=args.device,
                         dtype=args.dtype, progress=not args.quiet, expert_config=expert,
-                        memory_config=MemoryConfig(args.memory_fraction, args.memory_min, args.seed))
+                        memory_config=MemoryConfig(args.memory_fraction, args.memory_min, args.seed),
+                        switch_config=SwitchConfig(router=args.router) if args.router else None)
     entry = cm.learn(task, replace=args.replace)
     if "rank" not in entry:
         print(f"learned task '{entry['name']}' ({entry['examples']} examples, {entry['steps']} steps, "

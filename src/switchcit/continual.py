@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -10,21 +11,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .data import Task, encode_prompt
+from .encoders import DEFAULT_ENCODER, load_encoder
 from .errors import SwitchcitError
 from .experts import ExpertConfig, data_parallel, train_expert
+from .gaussian import GaussianSwitch
+from .memory import MemoryConfig, TaskMemory, build_switch, load_switch, remember
 from .mixed import MixedLoRA
 from .models import DEFAULT_MODEL, fingerprint, load_base_model, resolve_device, same_model
 from .store import Store, now
-from .switch import (
-    DEFAULT_ENCODER,
-    MemoryConfig,
-    Switch,
-    SwitchConfig,
-    fit_region,
-    load_encoder,
-    select_memory,
-    train_switch,
-)
+from .switch import Switch, SwitchConfig
 
 if TYPE_CHECKING:
     import torch
@@ -66,8 +61,7 @@ class ContinualModel:
     def __init__(self, store: str | Path, base_model: str | None = None, encoder: str | None = None,
                  device: str | None = None, dtype: str | None = None,
                  expert_config: ExpertConfig | None = None, memory_config: MemoryConfig | None = None,
-                 switch_config: SwitchConfig | None = None, progress: bool = True, fallback: bool = True,
-                 false_rejection: float = 0.02):
+                 switch_config: SwitchConfig | None = None, progress: bool = True, fallback: bool = True):
         self.store = Store(store)
         self.manifest = self.store.read() if self.store.exists() else None
         stored_base = self.manifest["base_model"]["reference"] if self.manifest else None
@@ -82,14 +76,19 @@ class ContinualModel:
         self.expert_config = expert_config or ExpertConfig()
         self.memory_config = memory_config or MemoryConfig()
         self.switch_config = switch_config or SwitchConfig()
+        stored_router = self.manifest.get("router", "mlp") if self.manifest else None  # before it: the MLP
+        if switch_config and stored_router and switch_config.router != stored_router:
+            raise SwitchcitError(f"store {self.store.root} routes with router '{stored_router}', not "
+                                 f"'{switch_config.router}': keep its router or learn the tasks into a new store")
+        if stored_router:
+            self.switch_config = dataclasses.replace(self.switch_config, router=stored_router)
         self.progress = progress
         self.fallback = fallback
-        self.false_rejection = false_rejection
         self.fast_mixed = True  # batched multi-adapter LoRA (mixed.py); False: PEFT's adapter_names path
         self._mixed: MixedLoRA | None = None
         self._mixed_key: tuple = ()
         self._model = self._tokenizer = self._peft = self._encoder = None
-        self._switch: Switch | None = None
+        self._switch: Switch | GaussianSwitch | None = None
         self._switch_path: str | None = None
         self._loaded: dict[str, str] = {}  # task -> adapter path loaded in memory
 
@@ -178,9 +177,9 @@ class ContinualModel:
                 self._load_adapter(task["name"], task["adapter"])
 
     @property
-    def switch(self) -> Switch | None:
+    def switch(self) -> Switch | GaussianSwitch | None:
         if self._switch is None and self.manifest and self.manifest["switch"]:
-            self._switch = Switch.load(self.store.path(self.manifest["switch"]))
+            self._switch = load_switch(self.store.path(self.manifest["switch"]))
             self._switch_path = self.manifest["switch"]
         return self._switch
 
@@ -216,12 +215,12 @@ class ContinualModel:
                 self.manifest = self.store.read() if self.store.exists() else self._new_manifest(features.shape[1])
                 self._check_new_name(task.name, replace)
                 adapter = self._save_training_adapter(task.name)
-                memory = self._save_memory(task.name, features)
+                others = [t for t in self.tasks if t["name"] != task.name]
+                memory = self._save_memory(task, features, [self._memory(t) for t in others])
                 entry = {"name": task.name, "adapter": adapter, "memory": memory, "examples": len(task.examples),
                          "memory_size": self.memory_config.size_for(len(features)), "steps": stats["steps"],
                          "final_loss": round(stats["final_loss"], 4), "lora": config.to_dict(),
                          "learned_at": now()}
-                others = [t for t in self.tasks if t["name"] != task.name]
                 switch, switch_path = self._commit([*others, entry], {task.name: features})
             self._load_adapter(task.name, adapter)
         finally:
@@ -258,7 +257,7 @@ class ContinualModel:
         return {"format": 1, "base_model": {"reference": self.base_reference, "fingerprint": fingerprint(self._model)},
                 "encoder": {"reference": self.encoder_reference, "dim": dim},
                 "memory": {"fraction": self.memory_config.fraction, "min_per_task": self.memory_config.min_per_task},
-                "tasks": [], "switch": None, "generation": 0}
+                "router": self.switch_config.router, "tasks": [], "switch": None, "generation": 0}
 
     def _save_training_adapter(self, task: str) -> str:
         """Write the just-trained adapter as a plain PEFT folder at a fresh store path."""
@@ -270,31 +269,23 @@ class ContinualModel:
         _rmtree(staging)
         return adapter
 
-    def _save_memory(self, task: str, features: torch.Tensor) -> str:
-        """The retained features (a seeded sample) and the task's region, fitted once on all its features."""
-        import torch
-        from safetensors.torch import save_file
+    def _memory(self, task: dict) -> TaskMemory:
+        return TaskMemory.load(self.store.path(task["memory"]))
 
-        centroid, radius = fit_region(features, self.false_rejection, self.memory_config.seed)
-        memory = self.store.fresh("memory", task, ".safetensors")
-        self.store.path(memory).parent.mkdir(parents=True, exist_ok=True)
-        save_file({"features": select_memory(features, self.memory_config).contiguous(),
-                   "centroid": centroid.contiguous(), "radius": torch.tensor([radius])}, str(self.store.path(memory)))
+    def _save_memory(self, task: Task, features: torch.Tensor, others: list[TaskMemory]) -> str:
+        """What the store keeps of the task (memory.py): features and statistics, never its text."""
+        memory = self.store.fresh("memory", task.name, ".safetensors")
+        remember(features, others, self.memory_config, self.switch_config, task.wordings).save(
+            self.store.path(memory))
         return memory
 
-    def _commit(self, tasks: list[dict], full_features: dict[str, torch.Tensor]) -> tuple[Switch | None, str | None]:
-        """Retrain the switch for `tasks` (memory, or all features where given) and commit the new manifest."""
-        from safetensors.torch import load_file
-
-        by_task, regions = {}, {}
-        for t in tasks:
-            stored = load_file(str(self.store.path(t["memory"])))
-            by_task[t["name"]] = full_features.get(t["name"], stored["features"])
-            regions[t["name"]] = (stored["centroid"], stored["radius"].item())
+    def _commit(self, tasks: list[dict], full_features: dict[str, torch.Tensor]
+                ) -> tuple[Switch | GaussianSwitch | None, str | None]:
+        """Rebuild the switch for `tasks` from their memory (all features where given); commit the manifest."""
         generation = self.manifest.get("generation", 0) + 1
         switch, path = None, None
         if tasks:
-            switch = train_switch(by_task, self.switch_config, regions)
+            switch = build_switch({t["name"]: self._memory(t) for t in tasks}, self.switch_config, full_features)
             path = self.store.fresh("switch", f"v{generation}")
             switch.save(self.store.path(path))
         manifest = dict(self.manifest, tasks=tasks, switch=path, generation=generation)

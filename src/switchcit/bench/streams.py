@@ -31,6 +31,7 @@ class EvalExample:
     references: tuple[str, ...]
     source: str | None = None  # what SARI compares against: the text to simplify
     constraint: tuple[str, str] | None = None  # hgen: (start|contain|end, word)
+    wording: str | None = None  # the instruction template or text this prompt was worded with
 
 
 @dataclass
@@ -64,8 +65,9 @@ def _sample(rows: list, n: int, rng: random.Random) -> list:
 def demo(n_train: int, n_eval: int, seed: int) -> Stream:
     from ..demo import demo_stream
 
-    tasks = [BenchTask(train.name, train, [EvalExample(e.prompt, (e.output,)) for e in test.examples],
-                       "exact_match") for train, test in demo_stream(n_train, n_eval, seed)]
+    tasks = [BenchTask(train.name, train, [EvalExample(e.prompt, (e.output,), wording=e.wording)
+                                           for e in test.examples], "exact_match")
+             for train, test in demo_stream(n_train, n_eval, seed)]
     return Stream("demo", tasks)
 
 
@@ -89,8 +91,9 @@ def headline_constraint(headline: str, rng: random.Random) -> tuple[str, str]:
 
 
 def cit_prompt(task: str, record: dict, templates: dict, wordings: str, rng: random.Random,
-               constraint: tuple[str, str] | None = None) -> str:
-    """Fill one seeded wording of `templates[task][wordings]` ('train', 'eval_seen', 'eval_unseen')."""
+               constraint: tuple[str, str] | None = None) -> tuple[str, str]:
+    """Fill one seeded wording of `templates[task][wordings]` ('train', 'eval_seen', 'eval_unseen'):
+    the prompt and the template it was worded with."""
     fields = dict(record)
     if task == "emdg":
         fields["context"] = "\n".join(record["context"])
@@ -100,7 +103,8 @@ def cit_prompt(task: str, record: dict, templates: dict, wordings: str, rng: ran
     if constraint is not None:
         choices = choices[constraint[0]]
         fields["constraint"] = constraint[1]
-    return rng.choice(choices).format(**fields)
+    template = rng.choice(choices)
+    return template.format(**fields), template
 
 
 def has_wordings(templates: dict, task: str, wordings: str) -> bool:
@@ -115,18 +119,18 @@ def cit_task(task: str, train_records: list[dict], test_records: list[dict], tem
     examples = []
     for record in _sample(train_records, n_train, sample_rng):
         constraint = headline_constraint(record["headline"], train_rng) if task == "hgen" else None
-        examples.append(Example(cit_prompt(task, record, templates, "train", train_rng, constraint),
-                                cit_references(task, record)[0]))
+        prompt, wording = cit_prompt(task, record, templates, "train", train_rng, constraint)
+        examples.append(Example(prompt, cit_references(task, record)[0], wording))
     unseen = has_wordings(templates, task, "eval_unseen")
     seen_examples, unseen_examples = [], []
     for record in _sample(test_records, n_eval, sample_rng):
         constraint = headline_constraint(record["headline"], eval_rng) if task == "hgen" else None
         refs, source = cit_references(task, record), record.get("source")
-        seen_examples.append(EvalExample(cit_prompt(task, record, templates, "eval_seen", eval_rng, constraint),
-                                         refs, source, constraint))
+        prompt, wording = cit_prompt(task, record, templates, "eval_seen", eval_rng, constraint)
+        seen_examples.append(EvalExample(prompt, refs, source, constraint, wording))
         if unseen:
-            unseen_examples.append(EvalExample(
-                cit_prompt(task, record, templates, "eval_unseen", eval_rng, constraint), refs, source, constraint))
+            prompt, wording = cit_prompt(task, record, templates, "eval_unseen", eval_rng, constraint)
+            unseen_examples.append(EvalExample(prompt, refs, source, constraint, wording))
     return BenchTask(task, Task(task, examples), seen_examples, CIT_METRICS[task], unseen_examples,
                      CIT_SECONDARY.get(task, ()), task in CIT_LOWERCASE)
 
@@ -191,9 +195,11 @@ def user(folder: str | Path, n_train: int, n_eval: int, seed: int) -> Stream:
         order = list(range(len(raw)))
         rng.shuffle(order)
         test_rows, train_rows = sorted(order[:n_test]), sorted(order[n_test:])
-        train = Task(name, _sample([examples[i] for i in train_rows], n_train, rng))
+        train_rows = _sample(train_rows, n_train, rng)
+        train = Task(name, [examples[i] for i in train_rows])
         seen = [EvalExample(examples[i].prompt, tuple(raw[i].get("references") or [examples[i].output]),
-                            raw[i].get("source") or raw[i].get("input") or examples[i].prompt)
+                            raw[i].get("source") or raw[i].get("input") or examples[i].prompt,
+                            wording=raw[i].get("instruction"))
                 for i in _sample(test_rows, n_eval, rng)]
         tasks.append(BenchTask(name, train, seen, metric, secondary=tuple(entry.get("secondary", ())),
                                lowercase=bool(entry.get("lowercase", False))))

@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..continual import ContinualModel
+from ..encoders import Encoder, load_encoder
 from ..errors import SwitchcitError
+from ..memory import MemoryConfig, select_memory
 from ..routers import ROUTERS, fit_router
-from ..switch import Encoder, MemoryConfig, load_encoder, select_memory
 from .streams import Stream
 
 if TYPE_CHECKING:

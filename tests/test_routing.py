@@ -1,0 +1,165 @@
+"""The Gaussian switch (exact from task statistics) and the routing benchmark (`bench --routing-only`)."""
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from conftest import TINY_EXPERT
+from test_bench import parse
+
+from switchcit import BASE, ContinualModel, SwitchcitError, SwitchConfig, Task
+from switchcit.bench.routing import RoutingConfig, encode_stream, memories_for
+from switchcit.bench.streams import load_stream
+from switchcit.gaussian import GaussianSwitch, TaskStats, threshold_ratio, wording_folds
+from switchcit.memory import MemoryConfig, TaskMemory, build_switch, remember
+
+DIM = 16
+
+
+def clusters(n: int = 60, tasks: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    centres = 4.0 * torch.randn(tasks, DIM, generator=generator)
+    return {f"t{i}": centres[i] + torch.randn(n, DIM, generator=generator) for i in range(tasks)}
+
+
+def test_statistics_add_up_exactly_so_the_switch_forgets_nothing():
+    features = clusters()
+    halves = {t: (TaskStats.of(x[:25]), TaskStats.of(x[25:])) for t, x in features.items()}
+    for t, (a, b) in halves.items():  # statistics of two parts merge into those of the whole (Chan et al.)
+        n = a.count + b.count
+        mean = (a.count * a.mean + b.count * b.mean) / n
+        delta = (b.mean - a.mean)[:, None]
+        scatter = a.scatter + b.scatter + delta @ delta.T * a.count * b.count / n
+        whole = TaskStats.of(features[t])
+        assert torch.allclose(mean, whole.mean) and torch.allclose(scatter, whole.scatter, atol=1e-8)
+    config, memory = SwitchConfig(), MemoryConfig()
+    memories = {}
+    for t, x in features.items():  # incremental: each task sees only what the store keeps of earlier ones
+        memories[t] = remember(x, list(memories.values()), memory, config)
+    incremental = build_switch(memories, config)
+    joint = GaussianSwitch.fit({t: TaskStats.of(x) for t, x in features.items()}, {t: 1.0 for t in features},
+                               config.shrinkage, config.unknown_shrinkage)
+    probe = torch.cat(list(clusters(seed=1).values()) + list(features.values()))
+    assert incremental.predict(probe)[0] == joint.predict(probe)[0]
+    assert torch.allclose(incremental.precision, joint.precision)
+    # forgetting a task is dropping its statistics: the same switch as never having learned it
+    kept = {t: m for t, m in memories.items() if t != "t1"}
+    never = GaussianSwitch.fit({t: TaskStats.of(features[t]) for t in kept}, {t: 1.0 for t in kept},
+                               config.shrinkage, config.unknown_shrinkage)
+    assert build_switch(kept, config).predict(probe)[0] == never.predict(probe)[0]
+
+
+def test_gaussian_switch_routes_and_rejects_far_requests(tmp_path):
+    features = clusters()
+    config = SwitchConfig()
+    memories = {}
+    for t, x in features.items():
+        memories[t] = remember(x, list(memories.values()), MemoryConfig(), config)
+    switch = build_switch(memories, config)
+    fresh = clusters(seed=0, n=90)  # same centres, new draws
+    for t, x in fresh.items():
+        labels, confidences = switch.predict(x[60:])
+        assert labels == [t] * 30 and all(0 < c <= 1 for c in confidences)
+        assert sum(switch.known(x[60:], labels)) >= 27  # about false_rejection of a task's new prompts go
+    far = 40.0 + torch.randn(20, DIM)
+    assert not any(switch.known(far, switch.predict(far)[0]))
+    assert (switch.unknown_score(far) > 1).all()
+    switch.save(tmp_path / "s")
+    from switchcit.memory import load_switch
+
+    again = load_switch(tmp_path / "s")
+    assert isinstance(again, GaussianSwitch) and again.predict(far)[0] == switch.predict(far)[0]
+
+
+def test_wording_folds_only_where_rows_repeat_their_wordings():
+    assert wording_folds(["a", "b", "a", "b"]) == [[0, 2], [1, 3]]
+    assert wording_folds(["a"] * 6) is None  # one wording: nothing to hold out
+    assert wording_folds(["a", "b", "c", "d"]) is None  # every row its own instruction: no wordings to speak of
+    assert wording_folds(["a", None, "a", "b"]) is None
+
+
+def routing_bench(*args: str) -> None:
+    from switchcit.bench import cmd_bench
+
+    cmd_bench(parse("--routing-only", *args))
+
+
+def test_routing_benchmark_on_the_demo_stream(tmp_path):
+    out = tmp_path / "run"
+    routing_bench("--stream", "demo", "--train-examples", "40", "--eval-examples", "12", "--out", str(out))
+    report = json.loads((out / "routing.json").read_text())
+    assert report["default"] == SwitchConfig().router == "gaussian"
+    assert set(report["routers"]) == {"gaussian", "mlp", "centroid", "knn"}
+    keys = {"seen", "unseen", "leave_one_wording_out", "false_rejection_lowo", "unknown_caught",
+            "unknown_caught_demo", "false_rejection_seen", "false_rejection_unseen", "auroc", "joint_seen",
+            "joint_unseen"}
+    for name, r in report["routers"].items():
+        assert len(r["stages"]) == 4
+        for k, stage in enumerate(r["stages"], 1):
+            assert set(stage) == keys
+            assert 0 <= stage["seen"] <= 100 and stage["unseen"] is None  # the demo has no unseen wordings
+            assert 0 <= stage["leave_one_wording_out"] <= 100  # every demo task has four wordings
+            has_fallback = name in ("gaussian", "mlp")
+            assert (stage["unknown_caught"] is not None) == (has_fallback and k < 4)
+            assert (stage["auroc"] is not None) == (has_fallback and k < 4)
+    gaussian = report["routers"]["gaussian"]["stages"]
+    assert [s["seen"] for s in gaussian] == [s["joint_seen"] for s in gaussian]  # incremental is joint
+    assert gaussian[-1]["seen"] >= 90
+    assert report["routers"]["gaussian"]["tradeoff"][0]["multiplier"] < 1
+    text = (out / "report.md").read_text()
+    assert "| `gaussian` |" in text and "Trade-off of `gaussian`" in text
+    assert (out / "routing.png").stat().st_size > 0
+    cached = list((out / "routing-cache").iterdir())
+    routing_bench("--stream", "demo", "--routing-routers", "gaussian", "--train-examples", "40",
+                  "--eval-examples", "12", "--out", str(out))
+    assert list((out / "routing-cache").iterdir()) == cached  # a rerun encodes nothing
+    with pytest.raises(SwitchcitError, match="choose from"):
+        routing_bench("--stream", "demo", "--routing-routers", "bogus", "--out", str(out))
+
+
+def test_benchmark_default_row_is_the_library_path(trained_store, stream):
+    """The benchmark's gaussian row, fed the store's own encoder, routes exactly like the learned store."""
+    cm = ContinualModel(trained_store, progress=False)
+    bench_stream = load_stream("demo", None, 80, 30, 0)
+    bench_stream.tasks = bench_stream.tasks[:3]
+    assert [t.train.prompts for t in bench_stream.tasks] == [train.prompts for train, _ in stream]
+    features = encode_stream(bench_stream, cm.encoder.encode, None)
+    config = RoutingConfig(routers=["gaussian"])
+    switch = build_switch(memories_for("gaussian", features, [t.name for t in bench_stream.tasks], config),
+                          config.switch)
+    prompts = [p for _, test in stream for p in test.prompts] + ["What is the capital of France?"]
+    labels, _ = switch.predict(cm.encoder.encode(prompts))
+    known = switch.known(cm.encoder.encode(prompts), labels)
+    assert [r.task for r in cm.route(prompts)] == [t if k else BASE for t, k in zip(labels, known)]
+
+
+def test_old_mlp_stores_keep_their_router(tmp_path, tiny_model, stream):
+    root = tmp_path / "old"
+    cm = ContinualModel(root, base_model=str(tiny_model), expert_config=TINY_EXPERT, progress=False,
+                        switch_config=SwitchConfig(router="mlp"))
+    cm.learn(stream[0][0])
+    manifest = json.loads((root / "manifest.json").read_text())
+    del manifest["router"]  # as written before the Gaussian switch existed
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    reopened = ContinualModel(root, progress=False)
+    assert reopened.switch_config.router == "mlp" and reopened.switch.kind == "mlp"
+    reopened.learn(stream[1][0])
+    assert reopened.switch.kind == "mlp" and len(reopened.route(stream[1][1].prompts[:3])) == 3
+    with pytest.raises(SwitchcitError, match="routes with router 'mlp'"):
+        ContinualModel(root, switch_config=replace(SwitchConfig(), router="gaussian"))
+
+
+def test_learn_calibrates_on_the_wordings_of_alpaca_rows(tmp_path, tiny_model, stream):
+    """Rows that name their instruction hold out whole wordings; the store keeps no text of them."""
+    train = stream[0][0]
+    assert len({e.wording for e in train.examples}) == 4
+    cm = ContinualModel(tmp_path / "s", base_model=str(tiny_model), expert_config=TINY_EXPERT, progress=False)
+    cm.learn(Task(train.name, train.examples))
+    path = tmp_path / "s" / cm.tasks[0]["memory"]
+    assert all(e.wording.encode() not in path.read_bytes() for e in train.examples)
+    features, config = cm.encoder.encode(train.prompts), cm.switch_config
+    by_wording = threshold_ratio(features, [], config.unknown_shrinkage, config.false_rejection, 0, train.wordings)
+    by_rows = threshold_ratio(features, [], config.unknown_shrinkage, config.false_rejection, 0, None)
+    assert by_wording != by_rows
+    assert TaskMemory.load(path).ratio == pytest.approx(by_wording, rel=1e-5)
