@@ -36,7 +36,7 @@ def test_statistics_add_up_exactly_so_the_switch_forgets_nothing():
     config, memory = SwitchConfig(), MemoryConfig()
     memories = {}
     for t, x in features.items():  # incremental: each task sees only what the store keeps of earlier ones
-        memories[t] = remember(x, list(memories.values()), memory, config)
+        memories[t] = remember(x, memory, config)
     incremental = build_switch(memories, config)
     joint = GaussianSwitch.fit({t: TaskStats.of(x) for t, x in features.items()}, {t: 1.0 for t in features},
                                config.shrinkage, config.unknown_shrinkage)
@@ -55,7 +55,7 @@ def test_gaussian_switch_routes_and_rejects_far_requests(tmp_path):
     config = SwitchConfig()
     memories = {}
     for t, x in features.items():
-        memories[t] = remember(x, list(memories.values()), MemoryConfig(), config)
+        memories[t] = remember(x, MemoryConfig(), config)
     switch = build_switch(memories, config)
     fresh = clusters(seed=0, n=90)  # same centres, new draws
     for t, x in fresh.items():
@@ -159,7 +159,7 @@ def test_learn_calibrates_on_the_wordings_of_alpaca_rows(tmp_path, tiny_model, s
     path = tmp_path / "s" / cm.tasks[0]["memory"]
     assert all(e.wording.encode() not in path.read_bytes() for e in train.examples)
     features, config = cm.encoder.encode(train.prompts), cm.switch_config
-    by_wording = threshold_ratio(features, [], config.unknown_shrinkage, config.false_rejection, 0, train.wordings)
-    by_rows = threshold_ratio(features, [], config.unknown_shrinkage, config.false_rejection, 0, None)
+    by_wording = threshold_ratio(features, config.unknown_shrinkage, config.false_rejection, 0, train.wordings)
+    by_rows = threshold_ratio(features, config.unknown_shrinkage, config.false_rejection, 0, None)
     assert by_wording != by_rows
     assert TaskMemory.load(path).ratio == pytest.approx(by_wording, rel=1e-5)

@@ -215,12 +215,12 @@ class ContinualModel:
                 self.manifest = self.store.read() if self.store.exists() else self._new_manifest(features.shape[1])
                 self._check_new_name(task.name, replace)
                 adapter = self._save_training_adapter(task.name)
-                others = [t for t in self.tasks if t["name"] != task.name]
-                memory = self._save_memory(task, features, [self._memory(t) for t in others])
+                memory = self._save_memory(task, features)
                 entry = {"name": task.name, "adapter": adapter, "memory": memory, "examples": len(task.examples),
                          "memory_size": self.memory_config.size_for(len(features)), "steps": stats["steps"],
                          "final_loss": round(stats["final_loss"], 4), "lora": config.to_dict(),
                          "learned_at": now()}
+                others = [t for t in self.tasks if t["name"] != task.name]
                 switch, switch_path = self._commit([*others, entry], {task.name: features})
             self._load_adapter(task.name, adapter)
         finally:
@@ -272,11 +272,10 @@ class ContinualModel:
     def _memory(self, task: dict) -> TaskMemory:
         return TaskMemory.load(self.store.path(task["memory"]))
 
-    def _save_memory(self, task: Task, features: torch.Tensor, others: list[TaskMemory]) -> str:
+    def _save_memory(self, task: Task, features: torch.Tensor) -> str:
         """What the store keeps of the task (memory.py): features and statistics, never its text."""
         memory = self.store.fresh("memory", task.name, ".safetensors")
-        remember(features, others, self.memory_config, self.switch_config, task.wordings).save(
-            self.store.path(memory))
+        remember(features, self.memory_config, self.switch_config, task.wordings).save(self.store.path(memory))
         return memory
 
     def _commit(self, tasks: list[dict], full_features: dict[str, torch.Tensor]

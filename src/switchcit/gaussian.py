@@ -13,7 +13,9 @@ distance to each task's mean exceeds that task's threshold. Regions use a covari
 toward the identity than the classifier's (`unknown_shrinkage`): a new wording of a known task moves
 along directions its task never varied in, which a lightly shrunk metric punishes as much as a new task.
 The threshold is a ratio times the task's mean in-sample distance; the ratio is fitted once, when the
-task is learned, from held-out folds, so it follows the covariance as later tasks change it.
+task is learned, from its own held-out wordings or folds, so it follows the covariance as later tasks
+change it, and depends on no other task: the switch after stage k, fallback included, is exactly the
+switch fitted on all k tasks at once.
 """
 
 from __future__ import annotations
@@ -81,12 +83,12 @@ def wording_folds(wordings: list[str | None] | None) -> list[list[int]] | None:
     return list(groups.values()) if 2 <= len(groups) <= len(wordings) / 2 else None
 
 
-def threshold_ratio(features: torch.Tensor, others: list[TaskStats], shrinkage: float, false_rejection: float,
-                    seed: int = 0, wordings: list[str | None] | None = None, folds: int = 5) -> float:
+def threshold_ratio(features: torch.Tensor, shrinkage: float, false_rejection: float, seed: int = 0,
+                    wordings: list[str | None] | None = None, folds: int = 5) -> float:
     """How far a new prompt of this task may lie from its mean, as a multiple of the mean in-sample distance.
 
     Each wording of the task (or, where the rows do not say, each of `folds` random folds) is held out in
-    turn and measured against the task refitted without it (other tasks' statistics included); the ratio
+    turn and measured against the task refitted without it; the ratio
     is the (1 - false_rejection) quantile of those held-out distances over the full fit's mean in-sample
     distance. Held-out wordings stand for the new wordings users will send; random folds see none, but on
     CIT's many-worded tasks (simp, hgen) both give the same ratio within 1%.
@@ -104,10 +106,10 @@ def threshold_ratio(features: torch.Tensor, others: list[TaskStats], shrinkage: 
         keep = torch.ones(len(features), dtype=torch.bool)
         keep[fold] = False
         rest = TaskStats.of(features[keep] if keep.any() else features)
-        precision = pooled_precision([*others, rest], shrinkage)
+        precision = pooled_precision([rest], shrinkage)
         held_out.append(squared_distances(features[fold], rest.mean[None], precision)[:, 0])
     full = TaskStats.of(features)
-    in_sample = mean_in_sample_distance(full, pooled_precision([*others, full], shrinkage))
+    in_sample = mean_in_sample_distance(full, pooled_precision([full], shrinkage))
     return torch.quantile(torch.cat(held_out), 1.0 - false_rejection).item() / max(in_sample, 1e-12)
 
 

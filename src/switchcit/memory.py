@@ -94,16 +94,15 @@ def fit_region(features: torch.Tensor, false_rejection: float = 0.02, seed: int 
     return features.float().mean(dim=0), radius
 
 
-def remember(features: torch.Tensor, others: list[TaskMemory], memory: MemoryConfig, switch: SwitchConfig,
+def remember(features: torch.Tensor, memory: MemoryConfig, switch: SwitchConfig,
              wordings: list[str | None] | None = None) -> TaskMemory:
-    """What the store keeps of a new task, given what it keeps of the tasks learned before it; `wordings`
-    (each row's instruction, where known) lets the fallback calibrate on held-out wordings."""
+    """What the store keeps of a new task: it depends on that task alone. `wordings` (each row's
+    instruction, where known) lets the fallback calibrate on held-out wordings."""
     centroid, radius = fit_region(features, switch.false_rejection, memory.seed)
     retained = select_memory(features, memory)
     if switch.router != "gaussian":
         return TaskMemory(retained, centroid, radius)
-    ratio = threshold_ratio(features, [m.stats for m in others if m.stats is not None], switch.unknown_shrinkage,
-                            switch.false_rejection, memory.seed, wordings)
+    ratio = threshold_ratio(features, switch.unknown_shrinkage, switch.false_rejection, memory.seed, wordings)
     return TaskMemory(retained, centroid, radius, TaskStats.of(features), ratio)
 
 

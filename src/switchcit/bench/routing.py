@@ -15,7 +15,8 @@ prompt sent to base is a miss):
   unknown_caught_demo), and the AUROC of the unknown score separating them from known prompts;
 - false_rejection_seen / _unseen / _lowo: known-task prompts sent to base (training wordings, unseen
   wordings, left-out wordings);
-- joint_seen / joint_unseen: the same router fitted at stage k on all data of tasks 1..k at once;
+- joint_seen / joint_unseen: the same router fitted at stage k on all data of tasks 1..k at once (the
+  MLP on every feature instead of the retained memory; the Gaussian switch is the same by construction);
   the gap to `seen` / `unseen` is the switch's own forgetting.
 """
 
@@ -129,19 +130,10 @@ class Fitted:
         return None if self.router is not None else self.switch.unknown_score(features)
 
 
-def memories_for(kind: str, features: Features, learned: list[str], config: RoutingConfig,
-                 joint: bool = False) -> dict[str, TaskMemory]:
-    """What the store keeps of each learned task, learned in order (each task sees the memories before it)
-    or, `joint`, as if all were learned at once (each task sees all the others)."""
+def memories_for(kind: str, features: Features, learned: list[str], config: RoutingConfig) -> dict[str, TaskMemory]:
+    """What the store keeps of each learned task (each task's memory depends on that task alone)."""
     switch = replace(config.switch, router=kind if kind in ROUTERS else "mlp")
-    memories: dict[str, TaskMemory] = {}
-    for task in learned:
-        memories[task] = remember(features.train[task], list(memories.values()), config.memory, switch,
-                                  features.wordings[task])
-    if joint and kind == "gaussian":
-        memories = {t: remember(features.train[t], [m for o, m in memories.items() if o != t], config.memory,
-                                switch, features.wordings[t]) for t in learned}
-    return memories
+    return {t: remember(features.train[t], config.memory, switch, features.wordings[t]) for t in learned}
 
 
 def _share(hits: int, total: int) -> float | None:
@@ -183,12 +175,11 @@ def leave_one_wording_out(kind: str, features: Features, learned: list[str], con
         if len(distinct) < 2:
             continue
         switch = replace(config.switch, router=kind if kind in ROUTERS else "mlp")
-        before = [memories[t] for t in learned[:learned.index(task)]]
         for wording in distinct:
             held = torch.tensor([w == wording for w in wordings])
             rest = features.train[task][~held]
             kept = [w for w in wordings if w != wording]
-            trimmed = {**memories, task: remember(rest, before, config.memory, switch, kept)}
+            trimmed = {**memories, task: remember(rest, config.memory, switch, kept)}
             full = {newest: rest if newest == task else features.train[newest]}
             fitted = Fitted(kind, trimmed, full, config)
             routes = fitted.route(features.train[task][held])
@@ -220,8 +211,7 @@ def score_stage(kind: str, features: Features, order: list[str], k: int, config:
     caught_others = None if score(known_all) is None else \
         _share(sum(r == BASE for r in fitted.route(features.others)), len(features.others))
     lowo, lowo_rejected, lowo_scores = leave_one_wording_out(kind, features, learned, config, memories)
-    joint = Fitted(kind, memories_for(kind, features, learned, config, joint=True),
-                   {t: features.train[t] for t in learned}, config)
+    joint = Fitted(kind, memories, {t: features.train[t] for t in learned}, config)
     row = {
         "seen": seen_right, "unseen": unseen_right,
         "leave_one_wording_out": lowo, "false_rejection_lowo": lowo_rejected,
@@ -263,7 +253,7 @@ def run_routing(stream: Stream, encode: Callable[[list[str]], torch.Tensor], con
     for kind in tqdm(config.routers, desc="routing", unit="router", disable=not progress):
         rows, raws = [], []
         for k in range(1, len(order) + 1):
-            memories = memories_for(kind, features, order[:k], config)  # each task as learned after those before
+            memories = memories_for(kind, features, order[:k], config)
             row, raw = score_stage(kind, features, order, k, config, memories)
             rows.append(row)
             if raw and k < len(order):
