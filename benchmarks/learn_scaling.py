@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from switchcit import ContinualModel, ExpertConfig, Task
-from switchcit import continual as continual_module
+from switchcit import transaction as transaction_module
 from switchcit.demo import demo_stream
 
 
@@ -33,7 +33,7 @@ def main() -> None:
     cycle = (stream * args.tasks)[:args.tasks]
     tasks = [Task(f"{train.name}-{i}", train.examples) for i, (train, _) in enumerate(cycle)]
     switch_seconds: list[float] = []
-    build_switch = continual_module.build_switch
+    build_switch = transaction_module.build_switch
 
     def timed_switch(*a, **k):
         started = time.perf_counter()
@@ -41,7 +41,7 @@ def main() -> None:
         switch_seconds.append(time.perf_counter() - started)
         return result
 
-    continual_module.build_switch = timed_switch  # measure the switch's share without changing its code
+    transaction_module.build_switch = timed_switch  # measure the switch's share without changing its code
     learn_seconds, store_bytes = [], []
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp) / "store"

@@ -58,21 +58,21 @@ def main() -> None:
         gen = dict(max_new_tokens=t, min_new_tokens=t, batch_size=args.batch)
 
         def mixed(fast: bool) -> tuple[float, float]:
-            cm.fast_mixed = fast
+            cm.adapters.fast_mixed = fast
             route = timed(lambda: cm.route(prompts))
-            return route, route + timed(lambda: cm.generate_with(prompts, routed, **gen))
+            return route, route + timed(lambda: cm.generate(prompts, routed, **gen))
 
         def naive() -> None:
             for prompt, task in zip(prompts, [r.task for r in cm.route(prompts)]):
-                cm.generate_with([prompt], [task], **gen)
+                cm.generate([prompt], [task], **gen)
 
         samples: dict[str, list[float]] = {k: [] for k in ("base", "single_adapter", "mixed", "peft_mixed", "naive")}
         overhead = []
         for repeat in range(args.repeats + 1):  # round 0 warms every path up and is discarded
             if repeat == 1:
                 samples, overhead = {k: [] for k in samples}, []
-            samples["base"].append(timed(lambda: cm.generate_with(prompts, ["base"] * len(prompts), **gen)))
-            samples["single_adapter"].append(timed(lambda: cm.generate_with(prompts, [tasks[0]] * len(prompts), **gen)))
+            samples["base"].append(timed(lambda: cm.generate(prompts, ["base"] * len(prompts), **gen)))
+            samples["single_adapter"].append(timed(lambda: cm.generate(prompts, [tasks[0]] * len(prompts), **gen)))
             route_s, total = mixed(True)
             samples["mixed"].append(total)
             overhead.append(route_s / total)

@@ -31,7 +31,7 @@ def test_forget_removes_every_trace(store_copy, stream):
     entry = next(t for t in before["tasks"] if t["name"] == gone.name)
     run_cli("forget", "--store", store_copy, "--task", gone.name, check=True)
     manifest = Store(store_copy).read()
-    assert [t["name"] for t in manifest["tasks"]] == [t.name for t, _ in stream if t.name != gone.name]
+    assert manifest.task_names == [t.name for t, _ in stream if t.name != gone.name]
     assert not (store_copy / "adapters" / gone.name).exists() and not (store_copy / "memory" / gone.name).exists()
     assert not (store_copy / entry["adapter"]).exists()
     for path in store_copy.rglob("*"):

@@ -51,10 +51,10 @@ def test_mixed_batch_equals_each_task_alone(trained_store, stream):
     prompts = [test.prompts[i] for i in range(4) for _, test in stream]
     tasks = [test.name for i in range(4) for _, test in stream]
     prompts, tasks = prompts + prompts[:3], tasks + [BASE] * 3
-    mixed = cm.generate_with(prompts, tasks, max_new_tokens=12, batch_size=len(prompts))
+    mixed = [a.output for a in cm.generate(prompts, tasks, max_new_tokens=12, batch_size=len(prompts))]
     for task in {*tasks}:
         rows = [i for i, t in enumerate(tasks) if t == task]
-        alone = cm.generate_with([prompts[i] for i in rows], [task] * len(rows), max_new_tokens=12)
+        alone = [a.output for a in cm.generate([prompts[i] for i in rows], [task] * len(rows), max_new_tokens=12)]
         assert [mixed[i] for i in rows] == alone
     # the adapters really differ: the same prompt gives different outputs (or logits) per task
     ids = torch.tensor([cm.tokenizer(prompts[0])["input_ids"]])
@@ -65,7 +65,7 @@ def test_mixed_batch_equals_each_task_alone(trained_store, stream):
     assert not torch.allclose(logits[0], logits[1], atol=1e-3)
     assert not torch.allclose(logits[1], logits[2], atol=1e-3)
     with pytest.raises(SwitchcitError, match="one task per prompt"):
-        cm.generate_with(prompts, tasks[:-1])
+        cm.generate(prompts, tasks[:-1])
 
 
 def test_learned_adapter_lowers_loss_on_its_task(trained_store, stream):
@@ -150,6 +150,6 @@ def test_fast_mixed_path_matches_peft(trained_store, stream):
             fast = cm.model(**batch).logits
     torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-4)
     tasks = [n if n != "__base__" else BASE for n in names]
-    fast_out = cm.generate_with(prompts, tasks, max_new_tokens=10)
-    cm.fast_mixed = False
-    assert cm.generate_with(prompts, tasks, max_new_tokens=10) == fast_out
+    fast_out = cm.generate(prompts, tasks, max_new_tokens=10)
+    cm.adapters.fast_mixed = False
+    assert cm.generate(prompts, tasks, max_new_tokens=10) == fast_out

@@ -16,8 +16,8 @@ def test_embedded_model_learns_and_routes(tmp_path):
     for train, _ in stream:
         cm.learn(train)
     manifest = cm.store.read()
-    assert manifest["base_model"]["reference"] == "embedded:SmolLM2-135M-Instruct"
-    assert manifest["encoder"]["reference"] == "embedded:all-MiniLM-L6-v2"
+    assert manifest.base_model == "embedded:SmolLM2-135M-Instruct"
+    assert manifest.encoder == "embedded:all-MiniLM-L6-v2"
     for train, test in stream:
         answers = cm.generate(test.prompts, max_new_tokens=12)
         assert [a.task for a in answers] == [test.name] * len(answers)

@@ -13,8 +13,8 @@ from switchcit import Store
 
 def _adapter(store: Path) -> dict:
     manifest = Store(store).read()
-    assert len(manifest["tasks"]) == 1 and len(list((store / "adapters" / "words").iterdir())) == 1
-    return load_file(str(store / manifest["tasks"][0]["adapter"] / "adapter_model.safetensors"))
+    assert len(manifest.tasks) == 1 and len(list((store / "adapters" / "words").iterdir())) == 1
+    return load_file(str(store / manifest.tasks[0].adapter / "adapter_model.safetensors"))
 
 
 def test_two_processes_match_one(tmp_path, stream, tiny_model):

@@ -156,7 +156,7 @@ def test_learn_calibrates_on_the_wordings_of_alpaca_rows(tmp_path, tiny_model, s
     assert len({e.wording for e in train.examples}) == 4
     cm = ContinualModel(tmp_path / "s", base_model=str(tiny_model), expert_config=TINY_EXPERT, progress=False)
     cm.learn(Task(train.name, train.examples))
-    path = tmp_path / "s" / cm.tasks[0]["memory"]
+    path = tmp_path / "s" / cm.tasks[0].memory
     assert all(e.wording.encode() not in path.read_bytes() for e in train.examples)
     features, config = cm.encoder.encode(train.prompts), cm.switch_config
     by_wording = threshold_ratio(features, config.unknown_shrinkage, config.false_rejection, 0, train.wordings)

@@ -67,9 +67,9 @@ def test_routes_each_prompt_to_its_task_and_answers_as_the_library_does(http, st
     assert sum(r == e for r, e in zip(routed, expected)) / len(prompts) > 0.95
     assert all(0 < r["confidence"] <= 1 for r in body["switchcit"])
     assert [c["index"] for c in body["choices"]] == list(range(len(prompts)))
-    solo = library.generate_with(prompts[::10], routed[::10], 6, batch_size=1)
-    assert [c["text"] for c in body["choices"][::10]] == solo
-    counted = library.complete(prompts, routed, 6)  # usage is the exact count of generated tokens
+    solo = library.generate(prompts[::10], routed[::10], 6, batch_size=1)
+    assert [c["text"] for c in body["choices"][::10]] == [a.output for a in solo]
+    counted = library.generate(prompts, routed, 6)  # usage is the exact count of generated tokens
     assert body["usage"]["completion_tokens"] == sum(c.tokens for c in counted)
     assert [c["finish_reason"] for c in body["choices"]] == ["stop" if c.stopped else "length" for c in counted]
     assert all(0 < c.tokens <= 6 and (c.stopped or c.tokens == 6) for c in counted)
@@ -187,7 +187,7 @@ def test_a_task_learned_while_serving_goes_live_without_failed_requests(store_co
 def test_router_only_mode_forwards_to_the_adapter_by_name(server, http, trained_store, clear):
     routing = app(trained_store, api_key=None, fallback=True, upstream=server, upstream_api_key=KEY,
                   upstream_base_model="base")
-    assert routing.state.engine.cm._model is None  # router-only: the encoder and switch, never the LLM
+    assert not routing.state.engine.cm.adapters.loaded  # router-only: the encoder and switch, never the LLM
     prompt = clear["initials"][3]
     with serve_in_thread(routing) as url, httpx.Client(base_url=url, timeout=120) as router:
         assert router.get("/health").json()["mode"] == "router"
@@ -217,7 +217,7 @@ def test_router_only_mode_forwards_to_the_adapter_by_name(server, http, trained_
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == \
             direct.json()["choices"][0]["message"]["content"]
         assert router.post("/v1/chat/completions", json=chat(prompt, model="nope")).status_code == 404
-    assert routing.state.engine.cm._model is None
+    assert not routing.state.engine.cm.adapters.loaded
 
 
 @pytest.mark.parametrize(("payload", "status", "param"), [
@@ -269,7 +269,7 @@ def test_bad_completion_requests_and_keys(server, http):
 def test_a_failing_generation_answers_500_and_the_server_lives_on(trained_store, monkeypatch):
     failing = app(trained_store, api_key=None)
     with serve_in_thread(failing) as url:
-        monkeypatch.setattr(failing.state.engine.cm, "complete", lambda *a, **k: 1 / 0)  # fault injection
+        monkeypatch.setattr(failing.state.engine.cm, "generate", lambda *a, **k: 1 / 0)  # fault injection
         response = httpx.post(f"{url}/v1/completions", json={"model": "base", "prompt": "hi", "max_tokens": 2})
         assert response.status_code == 500
         assert response.json()["error"]["type"] == "server_error" and "ZeroDivisionError" in response.text

@@ -106,7 +106,7 @@ def test_sigkill_during_learn_keeps_previous_store(store_copy, stream, tiny_mode
     assert [json.loads(line)["task"] for line in routed.splitlines()].count(test.name) >= 4
     run_cli("learn", "--store", store_copy, "--task", "late", "--data", data, "--model", tiny_model,
             "--max-steps", "3", "-q", check=True)
-    assert [t["name"] for t in Store(store_copy).read()["tasks"]][-1] == "late"
+    assert Store(store_copy).read().task_names[-1] == "late"
 
 
 def test_orphans_from_a_crash_are_swept_on_next_commit(store_copy, stream, tiny_model):
@@ -135,7 +135,7 @@ def test_lock_serialises_writers(store_copy):
         fcntl.flock(handle, fcntl.LOCK_UN)
     out, err = proc.communicate(timeout=30)
     assert out.strip() == "got it" and "waiting for another writer" in err
-    assert store.read()["tasks"]
+    assert store.read().tasks
 
 
 def test_newer_format_is_refused(store_copy):

@@ -8,8 +8,9 @@ from safetensors.torch import load_file
 from test_bench import bench
 
 from switchcit import ContinualModel, SwitchcitError
-from switchcit.bench.cli import BASE, PRESETS
+from switchcit.bench.cli import DEFAULTS, PRESETS
 from switchcit.bench.streams import load_stream
+from switchcit.memory import build_switch
 from switchcit.routers import fit_router
 
 
@@ -57,19 +58,21 @@ def test_router_and_memory_studies_on_a_smoke_run(tmp_path, other_tiny_model):
             assert len(r["accuracy"]) == len(tasks) and all(0 <= a <= 100 for a in r["accuracy"])
 
     # the study's MLP, refitted from the store's memory, is the switch the store itself routes with
-    smoke = {**BASE, **PRESETS["smoke"]}
+    smoke = {**DEFAULTS, **PRESETS["smoke"]}
     stream = load_stream("demo", None, smoke["train_examples"], smoke["eval_examples"], smoke["seed"])
     prompts = [e.prompt for t in stream.tasks for e in t.seen]
     truth = [t.name for t in stream.tasks for _ in t.seen]
     cm = ContinualModel(out / "switchcit" / "store", fallback=False)
     store_routes = [r.task for r in cm.route(prompts)]
-    assert routers["mlp"]["accuracy"][-1] == pytest.approx(
-        100 * sum(a == b for a, b in zip(store_routes, truth)) / len(truth))
     features = load_file(str(out / "studies" / "features-embedded_all-MiniLM-L6-v2.safetensors"))
-    memory = {t["name"]: load_file(str(cm.store.path(t["memory"])))["features"] for t in cm.tasks}
+    memory = {t.name: cm.store.memory(t).features for t in cm.tasks}
     pool = {**{t: memory[t] for t in tasks[:-1]}, tasks[-1]: features[f"train/{tasks[-1]}"]}
     seen = torch.cat([features[f"seen/{t}"] for t in tasks])
-    assert fit_router("mlp", pool).route(seen) == cm.switch.predict(seen)[0] == store_routes
+    mlp_routes = fit_router("mlp", pool).route(seen)  # the MLP row refitted exactly as the study does
+    assert routers["mlp"]["accuracy"][-1] == pytest.approx(100 * sum(a == b for a, b in zip(mlp_routes, truth))
+                                                           / len(truth))
+    rebuilt = build_switch({t.name: cm.store.memory(t) for t in cm.tasks}, cm.switch_config)
+    assert rebuilt.predict(seen)[0] == cm.switch.predict(seen)[0] == store_routes
 
     rows = results["studies"]["memory"]["rows"]
     assert [(r["encoder"], r["percent"]) for r in rows] == [

@@ -12,7 +12,7 @@ import uuid
 from pathlib import Path, PurePosixPath
 
 from .errors import SwitchcitError
-from .store import MANIFEST, Store, live_paths
+from .store import MANIFEST, Store
 
 CHECKSUMS = "checksums.json"
 
@@ -27,7 +27,7 @@ def export_store(root: str | Path, out: str | Path) -> dict:
     with store.lock():  # a consistent snapshot: no learn commits while we read
         manifest = store.read()
         files = [MANIFEST]
-        for relative in live_paths(manifest):
+        for relative in manifest.live_paths():
             path = store.path(relative)
             files += [str(p.relative_to(store.root)) for p in sorted(path.rglob("*")) if p.is_file()] \
                 if path.is_dir() else [relative]
@@ -43,7 +43,7 @@ def export_store(root: str | Path, out: str | Path) -> dict:
         os.replace(staging, out)
     finally:
         staging.unlink(missing_ok=True)
-    return {"files": len(contents), "bytes": sum(len(d) for d in contents.values()), "tasks": len(manifest["tasks"])}
+    return {"files": len(contents), "bytes": sum(len(d) for d in contents.values()), "tasks": len(manifest.tasks)}
 
 
 def _safe_name(name: str) -> bool:
@@ -83,7 +83,7 @@ def import_bundle(bundle: str | Path, root: str | Path) -> dict:
             (staging / name).parent.mkdir(parents=True, exist_ok=True)
             (staging / name).write_bytes(data)
         manifest = Store(staging).read()
-        missing = [p for p in live_paths(manifest) if not (staging / p).exists()]
+        missing = [p for p in manifest.live_paths() if not (staging / p).exists()]
         if missing:
             raise SwitchcitError(f"bundle {bundle} lacks files its manifest names ({missing[0]}): refusing it")
         if root.exists():

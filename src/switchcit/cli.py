@@ -9,10 +9,12 @@ import sys
 from .bench import add_parser as add_bench_parser
 from .bench import cmd_bench
 from .errors import SwitchcitError
-from .options import fallback_option, model_options
+from .experts import ExpertConfig
+from .memory import MemoryConfig
+from .options import config_from, config_options, fallback_option, given, model_options
 from .serve import add_parser as add_serve_parser
 from .serve import cmd_serve
-from .switch import ROUTERS
+from .switch import SwitchConfig
 
 
 def _prompt_options(p: argparse.ArgumentParser) -> None:
@@ -32,20 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", required=True)
     p.add_argument("--task", required=True, help="task name: [a-z0-9][a-z0-9_-]{0,63}")
     p.add_argument("--data", required=True, help="JSONL training data (Alpaca or chat rows)")
-    p.add_argument("--replace", action="store_true", help="retrain a task already in the store")
-    p.add_argument("--max-steps", type=int, default=None, help="bound the training steps")
-    p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-3, help="learning rate")
-    p.add_argument("--rank", type=int, default=8, help="LoRA rank")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--replace", action="store_true", help="retrain a task already in the store (default: off)")
+    config_options(p, ExpertConfig)
     p.add_argument("--encoder", default=None, help="switch encoder for a new store: sentence-transformers id or "
                    "folder, 'base' (the base model's last-token state), or a causal LM id (default: MiniLM)")
-    p.add_argument("--router", default=None, choices=ROUTERS,
-                   help="switch for a new store: 'gaussian' (task statistics, forgets nothing; the default) or "
-                        "'mlp' (the paper's MLP over a retained memory)")
-    p.add_argument("--memory-fraction", type=float, default=0.01, help="share of examples kept as features")
-    p.add_argument("--memory-min", type=int, default=16, help="minimum features kept per task")
+    config_options(p, SwitchConfig)
+    config_options(p, MemoryConfig)
     model_options(p)
 
     p = sub.add_parser("route", help="print the task each prompt is routed to")
@@ -111,25 +105,23 @@ def _prompts(args) -> list[str]:
 def cmd_learn(args) -> None:
     from .continual import ContinualModel
     from .data import Task, load_examples
-    from .experts import ExpertConfig
-    from .memory import MemoryConfig
     from .store import Store
-    from .switch import SwitchConfig
 
     task = Task(args.task, load_examples(args.data))
     store = Store(args.store)
     if not store.exists() and store.root.exists() and any(p.name != ".lock" for p in store.root.iterdir()):
         raise SwitchcitError(f"{args.store} exists and is not a switchcit store: choose an empty or new folder")
-    expert = ExpertConfig(r=args.rank, alpha=2 * args.rank, learning_rate=args.lr, batch_size=args.batch_size,
-                          epochs=args.epochs, max_steps=args.max_steps, seed=args.seed)
+    expert = config_from(args, ExpertConfig)
+    keep = store.exists() and not given(args, SwitchConfig, "router")  # an existing store keeps its router
+    stored_router = {"router": store.read().router} if keep else {}
     cm = ContinualModel(args.store, base_model=args.model, encoder=args.encoder, device=args.device,
                         dtype=args.dtype, progress=not args.quiet, expert_config=expert,
-                        memory_config=MemoryConfig(args.memory_fraction, args.memory_min, args.seed),
-                        switch_config=SwitchConfig(router=args.router) if args.router else None)
+                        memory_config=config_from(args, MemoryConfig, seed=expert.seed),
+                        switch_config=config_from(args, SwitchConfig, **stored_router))
     entry = cm.learn(task, replace=args.replace)
-    if "rank" not in entry:
-        print(f"learned task '{entry['name']}' ({entry['examples']} examples, {entry['steps']} steps, "
-              f"loss {entry['final_loss']}); store {args.store} now has {len(cm.tasks)} task(s)")
+    if entry is not None:  # None in data-parallel helper processes
+        print(f"learned task '{entry.name}' ({entry.examples} examples, {entry.steps} steps, "
+              f"loss {entry.final_loss}); store {args.store} now has {len(cm.tasks)} task(s)")
 
 
 def cmd_route(args) -> None:
@@ -158,13 +150,13 @@ def cmd_tasks(args) -> None:
 
     manifest = Store(args.store).read()
     if args.json:
-        print(json.dumps(manifest["tasks"]))
+        print(json.dumps([t.to_json() for t in manifest.tasks]))
         return
-    print(f"store {args.store}: base model {manifest['base_model']['reference']}, "
-          f"encoder {manifest['encoder']['reference']}")
-    for t in manifest["tasks"]:
-        print(f"  {t['name']:<24} {t['examples']:>7} examples  {t['memory_size']:>5} kept  {t['steps']:>6} steps  "
-              f"{t['learned_at']}  {t['adapter']}")
+    print(f"store {args.store}: base model {manifest.base_model}, encoder {manifest.encoder}, "
+          f"router {manifest.router}")
+    for t in manifest.tasks:
+        print(f"  {t.name:<24} {t.examples:>7} examples  {t.memory_size:>5} kept  {t.steps:>6} steps  "
+              f"{t.learned_at}  {t.adapter}")
 
 
 def cmd_forget(args) -> None:
@@ -186,7 +178,7 @@ def cmd_import(args) -> None:
     from .bundle import import_bundle
 
     manifest = import_bundle(args.bundle, args.store)
-    print(f"imported {len(manifest['tasks'])} task(s) into {args.store}")
+    print(f"imported {len(manifest.tasks)} task(s) into {args.store}")
 
 
 def cmd_demo(args) -> None:

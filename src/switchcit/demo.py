@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from .bench.metrics import exact_match
 from .data import Example, Task, make_prompt
 
 WORDS = (
@@ -72,16 +73,6 @@ def demo_stream(n_train: int = 200, n_test: int = 40, seed: int = 0) -> list[tup
     return stream
 
 
-def normalize(text: str) -> str:
-    return " ".join(text.strip().rstrip(".").split())
-
-
-def exact_match(predictions: list[str], references: list[str]) -> float:
-    """Percentage (0-100) of predictions equal to their reference after whitespace normalisation."""
-    hits = sum(normalize(p) == normalize(r) for p, r in zip(predictions, references))
-    return 100.0 * hits / max(1, len(references))
-
-
 def run_demo(store: str | Path | None = None, model: str | None = None, steps: int = 30,
              n_train: int = 200, n_test: int = 30, seed: int = 0, device: str | None = None,
              max_new_tokens: int = 16, progress: bool = True, out=print) -> dict:
@@ -101,16 +92,16 @@ def run_demo(store: str | Path | None = None, model: str | None = None, steps: i
     out(f"switchcit demo: {len(stream)} tasks, {n_train} training examples and {steps} steps each, "
         f"base model {cm.base_reference}")
     for _, test in stream:
-        outputs = cm.generate_with(test.prompts, [BASE] * len(test.examples), max_new_tokens)
-        rows[test.name] = {"base": exact_match(outputs, [e.output for e in test.examples])}
+        outputs = cm.generate(test.prompts, [BASE] * len(test.examples), max_new_tokens)
+        rows[test.name] = {"base": exact_match([o.output for o in outputs], [e.output for e in test.examples])}
     for train, test in stream:
         cm.learn(train)
-        answers = cm.generate(test.prompts, max_new_tokens)
+        answers = cm.generate(test.prompts, max_new_tokens=max_new_tokens)
         rows[test.name]["learned"] = exact_match([a.output for a in answers], [e.output for e in test.examples])
         out(f"  learned {train.name}: {rows[test.name]['learned']:.1f}% exact match")
     known, routed = [], []  # held-out prompts of learned tasks: sent to base / reached their task
     for _, test in stream:
-        answers = cm.generate(test.prompts, max_new_tokens)
+        answers = cm.generate(test.prompts, max_new_tokens=max_new_tokens)
         rows[test.name]["final"] = exact_match([a.output for a in answers], [e.output for e in test.examples])
         rows[test.name]["routing"] = 100.0 * sum(a.task == test.name for a in answers) / len(answers)
         known += [a.task == BASE for a in answers]

@@ -7,7 +7,8 @@ LM id works too. The switch (switch.py, gaussian.py) only ever sees the vectors.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -17,6 +18,8 @@ from .models import package_dir
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from .adapters import AdapterPool
 
 DEFAULT_ENCODER = "embedded:all-MiniLM-L6-v2"
 BASE_ENCODER = "base"
@@ -58,11 +61,12 @@ class SentenceEncoder:
 class CausalLMEncoder:
     """Last-token hidden state of a causal LM over the raw prompt, as in the paper (OPT-125M).
 
-    With reference 'base' it reuses the loaded base model (adapters switched off), at no extra memory.
+    `model` is a context manager factory that yields the model for one encode call: with reference 'base'
+    the adapter pool's `base_only`, so the base model is reused with its adapters off, at no extra memory.
     """
 
-    def __init__(self, reference: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                 batch_size: int = 16, max_length: int = 512):
+    def __init__(self, reference: str, model: Callable[[], AbstractContextManager[PreTrainedModel]],
+                 tokenizer: PreTrainedTokenizerBase, batch_size: int = 16, max_length: int = 512):
         self.reference = reference
         self.model = model
         self.tokenizer = tokenizer
@@ -72,36 +76,35 @@ class CausalLMEncoder:
     def encode(self, texts: list[str]) -> torch.Tensor:
         import torch
 
-        disable = getattr(self.model, "disable_adapter", None)
         chunks = []
         side = self.tokenizer.padding_side
         self.tokenizer.padding_side = "left"  # the last position then holds every row's last token
         try:
-            with torch.no_grad(), (disable() if callable(disable) else nullcontext()):
+            with torch.no_grad(), self.model() as model:
                 for start in range(0, len(texts), self.batch_size):
                     batch = self.tokenizer(list(texts[start:start + self.batch_size]), return_tensors="pt",
                                            padding=True, truncation=True, max_length=self.max_length)
-                    batch = {k: v.to(self.model.device) for k, v in batch.items()}
+                    batch = {k: v.to(model.device) for k, v in batch.items()}
                     # logits_to_keep=1: the LM head runs on one position, not on every token of every prompt
-                    hidden = self.model(**batch, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+                    hidden = model(**batch, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
                     chunks.append(hidden[:, -1].float().cpu())
         finally:
             self.tokenizer.padding_side = side
         return torch.cat(chunks)
 
 
-def load_encoder(reference: str, base_model: PreTrainedModel | None = None,
-                 base_tokenizer: PreTrainedTokenizerBase | None = None, device: str = "cpu") -> Encoder:
-    """'embedded:...' / sentence-transformers id or path -> SentenceEncoder; 'base' or a causal LM -> last token."""
+def load_encoder(reference: str, pool: AdapterPool | None = None, device: str = "cpu") -> Encoder:
+    """'embedded:...' / sentence-transformers id or path -> SentenceEncoder; 'base' (the pool's base model)
+    or a causal LM -> last token."""
     if reference == BASE_ENCODER:
-        if base_model is None:
-            raise SwitchcitError("encoder 'base' needs the base model loaded")
-        return CausalLMEncoder(reference, base_model, base_tokenizer)
+        if pool is None:
+            raise SwitchcitError("encoder 'base' needs the base model: open it through a ContinualModel")
+        return CausalLMEncoder(reference, pool.base_only, pool.tokenizer)
     if reference != DEFAULT_ENCODER and _is_causal_lm(reference):
         from .models import load_base_model
 
         model, tokenizer = load_base_model(reference, device=device, dtype="float32")
-        return CausalLMEncoder(reference, model, tokenizer)
+        return CausalLMEncoder(reference, lambda: nullcontext(model), tokenizer)
     return SentenceEncoder(reference, device=device)
 
 

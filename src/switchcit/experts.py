@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 
 from .data import Example, encode_answer, encode_prompt
 from .errors import SwitchcitError
+from .generation import left_pad
+from .settings import check_ranges, knob
 
 if TYPE_CHECKING:
     import torch
@@ -21,17 +23,24 @@ if TYPE_CHECKING:
 class ExpertConfig:
     """LoRA shape and training budget. Defaults suit a 2-core CPU and a model of ~100M parameters."""
 
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
+    r: int = knob(8, "--rank", "LoRA rank", low=1)
+    alpha: int | None = knob(None, "--lora-alpha", "LoRA alpha (default: 2 x rank)", low=0, open_low=True)
+    dropout: float = knob(0.0, "--lora-dropout", "LoRA dropout", low=0, high=0.99)
     target_modules: str | list[str] = "all-linear"
-    learning_rate: float = 1e-3
-    batch_size: int = 8
-    epochs: float = 1.0
-    max_steps: int | None = None
-    max_length: int = 512
-    warmup_ratio: float = 0.05
-    seed: int = 0
+    learning_rate: float = knob(1e-3, "--lr", "learning rate", low=0, open_low=True)
+    batch_size: int = knob(8, "--batch-size", "examples per training step", low=1)
+    epochs: float = knob(1.0, "--epochs", "passes over the data (--max-steps bounds them)", low=0, open_low=True)
+    max_steps: int | None = knob(None, "--max-steps", "bound on the training steps (default: none)", low=1)
+    max_length: int = knob(512, "--max-length", "training tokens per example (longer rows keep their end)", low=8)
+    warmup_ratio: float = knob(0.05, low=0, high=1)
+    seed: int = knob(0, "--seed", "seed of the LoRA initialisation, the data order and the memory sample")
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
+
+    @property
+    def lora_alpha(self) -> int:
+        return self.alpha if self.alpha is not None else 2 * self.r
 
     def steps_for(self, n_examples: int) -> int:
         per_epoch = math.ceil(n_examples / self.batch_size)
@@ -41,11 +50,11 @@ class ExpertConfig:
     def lora(self) -> LoraConfig:
         from peft import LoraConfig
 
-        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
+        return LoraConfig(r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.dropout,
                           target_modules=self.target_modules, task_type="CAUSAL_LM")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "alpha": self.lora_alpha}
 
 
 def tokenize_example(tokenizer: PreTrainedTokenizerBase, example: Example, max_length: int) -> tuple[list, list]:
@@ -59,16 +68,8 @@ def tokenize_example(tokenizer: PreTrainedTokenizerBase, example: Example, max_l
 
 def collate(rows: list[tuple[list, list]], pad_id: int) -> dict[str, torch.Tensor]:
     """Left-padded batch: every answer ends at the last position, so logits are needed only for a short tail."""
-    import torch
-
-    width = max(len(ids) for ids, _ in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (row_ids, row_labels) in enumerate(rows):
-        ids[i, width - len(row_ids):] = torch.tensor(row_ids)
-        labels[i, width - len(row_labels):] = torch.tensor(row_labels)
-        mask[i, width - len(row_ids):] = 1
+    ids, mask = left_pad([r for r, _ in rows], pad_id)
+    labels, _ = left_pad([labels for _, labels in rows], pad_id, fill=-100)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     return {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "labels": labels}
 
@@ -146,7 +147,8 @@ def train_params(model, params: list, examples: list[Example], tokenizer: PreTra
     torch.manual_seed(config.seed)
     rank, world = data_parallel()
     if config.batch_size < world:
-        raise SwitchcitError(f"batch size {config.batch_size} is smaller than {world} processes: raise --batch-size")
+        raise SwitchcitError(f"batch_size {config.batch_size} is smaller than {world} processes: raise batch_size "
+                             "(--batch-size)")
     rows = [tokenize_example(tokenizer, e, config.max_length) for e in examples]
     answer_tokens = [sum(label != -100 for label in labels) for _, labels in rows]
     steps = config.steps_for(len(rows))

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from .errors import SwitchcitError
 from .gaussian import GaussianSwitch, TaskStats, threshold_ratio
+from .settings import check_ranges, knob
 from .switch import Switch, SwitchConfig, cosine_distance, train_switch
 
 if TYPE_CHECKING:
@@ -31,9 +32,12 @@ if TYPE_CHECKING:
 class MemoryConfig:
     """How much of each task stays in the feature memory: a fraction, but never fewer than a minimum."""
 
-    fraction: float = 0.01
-    min_per_task: int = 16
-    seed: int = 0
+    fraction: float = knob(0.01, "--memory-fraction", "share of each task's features kept", low=0, high=1)
+    min_per_task: int = knob(16, "--memory-min", "fewest features kept per task", low=1)
+    seed: int = 0  # the CLI passes --seed
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
 
     def size_for(self, n: int) -> int:
         return min(n, max(self.min_per_task, math.ceil(self.fraction * n)))

@@ -44,6 +44,12 @@ def package_dir(package: str, wheel: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+def absolute_if_local(reference: str) -> str:
+    """A local folder as an absolute path (the store records it), a hub id as it is."""
+    path = Path(reference).expanduser()
+    return str(path.resolve()) if path.exists() else reference
+
+
 def resolve_device(device: str | None) -> str:
     import torch
 

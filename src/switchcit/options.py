@@ -3,16 +3,45 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def config_options(p: argparse.ArgumentParser, cls: type) -> None:
+    """One option per field of `cls` that names a flag, its help ending with the dataclass default.
+    Options default to None, so only what the user typed overrides the dataclass (see `config_from`)."""
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        if not meta.get("flag"):
+            continue
+        kind = type(f.default) if f.default is not None else (float if "float" in str(f.type) else int)
+        shown = "" if f.default is None else f" (default: {f.default})"  # a None default is explained in the help
+        p.add_argument(meta["flag"], dest=f"{cls.__name__}.{f.name}", type=kind, default=None, metavar=f.name.upper(),
+                       choices=meta.get("choices"), help=meta["help"] + shown)
+
+
+def config_from(args: argparse.Namespace, cls: type[T], **fixed: Any) -> T:
+    """`cls` with the options the user gave (and `fixed` values) over its defaults."""
+    given = {f.name: getattr(args, f"{cls.__name__}.{f.name}", None) for f in dataclasses.fields(cls)}
+    return cls(**{**{k: v for k, v in given.items() if v is not None}, **fixed})
+
+
+def given(args: argparse.Namespace, cls: type, name: str) -> Any:
+    """The value the user typed for one field's option, or None."""
+    return getattr(args, f"{cls.__name__}.{name}", None)
 
 
 def model_options(p: argparse.ArgumentParser, quiet: bool = True) -> None:
     """--device, --dtype, --model (and -q/--quiet for commands with progress bars)."""
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights' type (default: auto = bfloat16 on a GPU, float32 on a CPU)")
     p.add_argument("--model", default=None,
                    help="base model: Hugging Face id or local folder (default: the store's, else embedded SmolLM2)")
     if quiet:
-        p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+        p.add_argument("-q", "--quiet", action="store_true", help="no progress bars (default: off)")
 
 
 def fallback_option(p: argparse.ArgumentParser) -> None:

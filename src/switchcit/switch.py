@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .settings import check_ranges, knob
+
 if TYPE_CHECKING:
     import torch
 
@@ -31,16 +33,21 @@ class SwitchConfig:
     """How requests are routed. `router`: 'gaussian' (shared-covariance LDA from exact task statistics, see
     gaussian.py) or 'mlp' (the paper's switch over a retained feature memory; hidden..weight_decay are its)."""
 
-    router: str = "gaussian"
-    shrinkage: float = 0.2  # gaussian: weight of the identity in the classifier's shared covariance
-    unknown_shrinkage: float = 0.8  # gaussian: the same for the task regions of the unknown-request fallback
-    false_rejection: float = 0.02  # share of a task's own held-out prompts the fallback may send to base
-    hidden: int = 200
-    steps: int = 400
-    batch_size: int = 256
-    learning_rate: float = 1e-3
-    weight_decay: float = 1e-4
+    router: str = knob("gaussian", "--router", "switch of a new store: 'gaussian' (task statistics, forgets "
+                       "nothing) or 'mlp' (the paper's MLP over a retained memory)", choices=ROUTERS)
+    shrinkage: float = knob(0.2, low=0, high=1)  # gaussian: weight of the identity in the classifier's covariance
+    unknown_shrinkage: float = knob(0.8, low=0, high=1)  # gaussian: the same for the fallback's task regions
+    false_rejection: float = knob(0.02, "--false-rejection", "share of a task's own new prompts the unknown-request "
+                                  "fallback may send to the base model", low=0, high=1, open_low=True)
+    hidden: int = knob(200, low=1)
+    steps: int = knob(400, low=1)
+    batch_size: int = knob(256, low=1)
+    learning_rate: float = knob(1e-3, low=0, open_low=True)
+    weight_decay: float = knob(1e-4, low=0)
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
 
 
 class Switch:

@@ -19,7 +19,7 @@ ROUTING_EVAL_EXAMPLES = 300
 # Settings without a preset, sized for the CIT stream on the embedded 135M model. One LoRA step (batch 4)
 # takes ~4 s on one core (~2 s on two idle cores), one answer (32 tokens, batches of 16) ~0.6 s (~0.35 s),
 # so `cpu-small` runs every method on CIT in about 90 minutes at single-core speed, ~55 on two idle cores.
-BASE = {"stream": "demo", "train_examples": 500, "eval_examples": 30, "steps": 20, "lr": 1e-3, "batch_size": 4,
+DEFAULTS = {"stream": "demo", "train_examples": 500, "eval_examples": 30, "steps": 20, "lr": 1e-3, "batch_size": 4,
         "max_length": 384, "max_new_tokens": 32, "seed": 0}
 PRESETS = {
     # seconds on a CPU: a tiny random model built in RUN_DIR, a few examples and steps
@@ -44,16 +44,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated (default: {','.join(METHODS)})")
     p.add_argument("--model", default=None, help="base model: Hugging Face id or local folder (default: embedded "
                    "SmolLM2; the smoke preset builds a tiny random one)")
-    p.add_argument("--train-examples", type=int, help=f"training examples per task (default {BASE['train_examples']})")
-    p.add_argument("--eval-examples", type=int, help=f"evaluation examples per task (default {BASE['eval_examples']}; "
-                   f"{ROUTING_EVAL_EXAMPLES} with --routing-only)")
-    p.add_argument("--steps", type=int, help=f"training steps per task (default {BASE['steps']})")
-    p.add_argument("--lr", type=float, help=f"learning rate (default {BASE['lr']})")
+    p.add_argument("--train-examples", type=int,
+                   help=f"training examples per task (default {DEFAULTS['train_examples']})")
+    p.add_argument("--eval-examples", type=int, help="evaluation examples per task (default "
+                   f"{DEFAULTS['eval_examples']}; {ROUTING_EVAL_EXAMPLES} with --routing-only)")
+    p.add_argument("--steps", type=int, help=f"training steps per task (default {DEFAULTS['steps']})")
+    p.add_argument("--lr", type=float, help=f"learning rate (default {DEFAULTS['lr']})")
     p.add_argument("--seqft-lr", type=float, default=None,
                    help="learning rate of seqft's full fine-tuning (default: --lr, the same for every method)")
-    p.add_argument("--batch-size", type=int, help=f"training batch size (default {BASE['batch_size']})")
-    p.add_argument("--max-length", type=int, help=f"training tokens per example (default {BASE['max_length']})")
-    p.add_argument("--max-new-tokens", type=int, help=f"generation length (default {BASE['max_new_tokens']})")
+    p.add_argument("--batch-size", type=int, help=f"training batch size (default {DEFAULTS['batch_size']})")
+    p.add_argument("--max-length", type=int, help=f"training tokens per example (default {DEFAULTS['max_length']})")
+    p.add_argument("--max-new-tokens", type=int, help=f"generation length (default {DEFAULTS['max_new_tokens']})")
     p.add_argument("--seed", type=int)
     p.add_argument("--routers", default=",".join(STUDY_ROUTERS),
                    help="router comparison on SwitchCIT's run: comma-separated of "
@@ -77,8 +78,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _settings(args) -> dict:
-    chosen = {**BASE, **PRESETS.get(args.preset, {})}
-    given = {k: getattr(args, k) for k in BASE if getattr(args, k) is not None}
+    chosen = {**DEFAULTS, **PRESETS.get(args.preset, {})}
+    given = {k: getattr(args, k) for k in DEFAULTS if getattr(args, k) is not None}
     return {**chosen, **given}
 
 
@@ -128,13 +129,12 @@ def cmd_routing(args) -> None:
     config = RoutingConfig(routers=_list(args.routing_routers), encoder=args.encoder)
     config.check()
     stream = load_stream(s["stream"], _data_dir(args, s["stream"]), s["train_examples"], eval_examples, s["seed"])
-    base_model = base_tokenizer = None
-    if args.encoder == "base":
-        from ..models import DEFAULT_MODEL, load_base_model
+    from ..adapters import AdapterPool
+    from ..models import DEFAULT_MODEL, resolve_device
 
-        base_model, base_tokenizer = load_base_model(args.model or DEFAULT_MODEL, args.device, "float32")
-    encoder = load_encoder(args.encoder, base_model, base_tokenizer,
-                           device="cpu" if args.device == "auto" else args.device)
+    device = resolve_device(None if args.device == "auto" else args.device)
+    pool = AdapterPool(args.model or DEFAULT_MODEL, device, "float32", check=lambda model: None)  # for 'base'
+    encoder = load_encoder(args.encoder, pool, device)
     out = Path(args.out)
     command = "switchcit " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else None
     report = run_routing(stream, encoder.encode, config, out, progress=not args.quiet, command=command)

@@ -15,10 +15,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..continual import BASE, ContinualModel, greedy
+from ..continual import BASE, ContinualModel
 from ..data import Example, Task, encode_prompt
 from ..errors import SwitchcitError
 from ..experts import ExpertConfig, train_expert, train_params
+from ..generation import greedy
 from ..models import load_base_model
 from .cache import GenerationCache, Request
 from .files import write_json
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 METHODS = ("switchcit", "oracle", "seqlora", "replay_0.01", "replay_1", "multitask", "seqft", "zeroshot")
-REPLAY_PERCENT = {"replay_0.01": 0.01, "replay_1": 1.0}
+REPLAY_FRACTIONS = {"replay_0.01": 0.0001, "replay_1": 0.01}  # the names say percent, as in the paper
 
 
 @dataclass
@@ -56,6 +57,8 @@ def generate_batch(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, p
 class SwitchCIT:
     """The library's ContinualModel: one expert per task, the switch picks one per prompt."""
 
+    routes_itself = True  # the protocol records its switch's confusion
+
     def __init__(self, setup: Setup):
         self.setup = setup
         self.cm = ContinualModel(setup.out / "switchcit" / "store", base_model=setup.model, device=setup.device,
@@ -79,8 +82,9 @@ class SwitchCIT:
     def generate_routed(self, prompts: list[str], tasks: list[str]) -> list[str]:
         """Each prompt with its task's expert; prompts routed to no task get the base model, as zero-shot does."""
         def run(batch: list[Request]) -> list[str]:
-            return self.cm.generate_with([p for _, p in batch], [k.removeprefix("adapter:") for k, _ in batch],
-                                         self.setup.max_new_tokens, batch_size=len(batch))
+            answers = self.cm.generate([p for _, p in batch], [k.removeprefix("adapter:") for k, _ in batch],
+                                       self.setup.max_new_tokens, batch_size=len(batch))
+            return [a.output for a in answers]
 
         keys = [BASE if t == BASE else f"adapter:{t}" for t in tasks]
         return self.setup.cache.generate(list(zip(keys, prompts)), run, desc="generate switchcit")
@@ -88,6 +92,8 @@ class SwitchCIT:
 
 class Oracle(SwitchCIT):
     """SwitchCIT's experts, each prompt given its true task's expert: the ceiling for any switch."""
+
+    routes_itself = False
 
     def learn(self, task: Task) -> None:
         if task.name not in self.cm.task_names:  # only when SwitchCIT itself was not run
@@ -177,23 +183,23 @@ class SequentialFull(SingleModel):
 
 
 class SequentialLoRA(SingleModel):
-    """One LoRA adapter trained on and on; with `replay_percent`, each task's data gets a share of every
+    """One LoRA adapter trained on and on; with `replay_fraction`, each task's data gets a share of every
     earlier task's data mixed in (at least one example each), in the same number of steps."""
 
     name = "seqlora"
 
-    def __init__(self, setup: Setup, name: str | None = None, replay_percent: float = 0.0):
-        self.replay_percent = replay_percent
+    def __init__(self, setup: Setup, name: str | None = None, replay_fraction: float = 0.0):
+        self.replay_fraction = replay_fraction
         super().__init__(setup, name)
         if not self.checkpointed:
             self.model = fresh_lora(self.model, setup.expert)
 
     def training_examples(self, task: Task) -> list[Example]:
-        if not self.replay_percent:
+        if not self.replay_fraction:
             return task.examples
         rng = random.Random(f"{self.setup.expert.seed}:{self.name}:{task.name}")
         replayed = [e for t in self.seen[:-1]
-                    for e in rng.sample(t.examples, max(1, math.ceil(self.replay_percent / 100 * len(t.examples))))]
+                    for e in rng.sample(t.examples, max(1, math.ceil(self.replay_fraction * len(t.examples))))]
         return task.examples + replayed
 
     def train(self, task: Task) -> None:
@@ -237,8 +243,8 @@ def fresh_lora(model: PreTrainedModel, config: ExpertConfig):
 
 def build(name: str, setup: Setup):
     """A method by its id (see METHODS)."""
-    if name in REPLAY_PERCENT:
-        return SequentialLoRA(setup, name, REPLAY_PERCENT[name])
+    if name in REPLAY_FRACTIONS:
+        return SequentialLoRA(setup, name, REPLAY_FRACTIONS[name])
     classes = {"switchcit": SwitchCIT, "oracle": Oracle, "seqlora": SequentialLoRA, "multitask": MultiTask,
                "seqft": SequentialFull, "zeroshot": ZeroShot}
     if name not in classes:

@@ -13,7 +13,16 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from functools import cache
 
-from ..demo import exact_match
+
+def normalize(text: str) -> str:
+    return " ".join(text.strip().rstrip(".").split())
+
+
+def exact_match(predictions: list[str], references: list[str]) -> float:
+    """Percentage (0-100) of predictions equal to their reference after whitespace normalisation."""
+    hits = sum(normalize(p) == normalize(r) for p, r in zip(predictions, references))
+    return 100.0 * hits / max(1, len(references))
+
 
 BERTSCORE_ENCODER = "all-MiniLM-L6-v2 (embedded)"
 # bert-score has no tuned layer for MiniLM-L6; its table picks layer 5 of 6 for distilbert-base-uncased,

@@ -101,7 +101,7 @@ def run_method(name: str, stream: Stream, setup: Setup, scorer: Scorer) -> dict:
         seen = stream.tasks[:i + 1]
         stage = {"task": task.name,
                  "scores": {t.name: scorer(t, t.seen, method.generate([e.prompt for e in t.seen])) for t in seen}}
-        if name == "switchcit":
+        if getattr(method, "routes_itself", False):
             stage["switch"] = switch_confusion(method, seen)
         stage["seconds"] = time.perf_counter() - started
         progress["stages"].append(stage)
@@ -110,7 +110,7 @@ def run_method(name: str, stream: Stream, setup: Setup, scorer: Scorer) -> dict:
         started = time.perf_counter()
         progress["unseen"] = {"scores": {t.name: scorer(t, t.unseen, method.generate([e.prompt for e in t.unseen]))
                                          for t in has_unseen}}
-        if name == "switchcit":
+        if getattr(method, "routes_itself", False):
             progress["unseen"]["switch"] = switch_confusion(method, has_unseen, unseen=True)
         progress["unseen"]["seconds"] = time.perf_counter() - started
         write_json(path, progress)

@@ -125,22 +125,14 @@ class Studies:
         def make_encoder() -> Encoder:
             if reference == self.cm.encoder_reference:
                 return self.cm.encoder
-            if reference == "base":
-                self.cm.load_adapters()  # the encoder must see the PEFT wrapper, to switch adapters off
-                return load_encoder("base", self.cm.model, self.cm.tokenizer)
-            return load_encoder(reference, device=self.cm.device)
+            return load_encoder(reference, self.cm.adapters, device=self.cm.device)
 
         return stream_features(reference, make_encoder, self.stream, self.folder)
 
     def stored_memory(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """The features each task retained in the store, and its centroid over all its features."""
-        from safetensors.torch import load_file
-
-        memory, centroids = {}, {}
-        for entry in self.cm.tasks:
-            stored = load_file(str(self.cm.store.path(entry["memory"])))
-            memory[entry["name"]], centroids[entry["name"]] = stored["features"], stored["centroid"]
-        return memory, centroids
+        stored = {t.name: self.cm.store.memory(t) for t in self.cm.tasks}
+        return {t: m.features for t, m in stored.items()}, {t: m.centroid for t, m in stored.items()}
 
     def end_scores(self, seen_routes: list[str], unseen_routes: list[str]) -> dict:
         """The experts driven by these routes after the last stage: per-task scores, AP, unseen scores."""
@@ -208,8 +200,8 @@ class Studies:
         def run(batch):
             nonlocal model
             if model is None:
-                base, tokenizer = load_base_model(self.cm.base_reference, self.cm.device, self.cm.dtype)
-                paths = [str(self.cm.store.path(t["adapter"])) for t in self.cm.tasks]
+                base, tokenizer = load_base_model(self.cm.base_reference, self.cm.device, self.cm.adapters.dtype)
+                paths = [str(self.cm.store.path(t.adapter)) for t in self.cm.tasks]
                 config = ArrowConfig(top_k=min(self.config.arrow_top_k, len(paths)), rng_seed=self.seed)
                 model = (create_arrow_model(base, paths, config).eval(), tokenizer)
             return generate_batch(*model, [p for _, p in batch], self.method.setup.max_new_tokens)

@@ -15,8 +15,9 @@ from contextlib import asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING
 
 from ..errors import SwitchcitError
-from .config import ENDPOINTS, ApiError, ServeConfig, invalid
+from .config import ENDPOINTS, ServeConfig
 from .engine import Engine, Metrics
+from .errors import ApiError, invalid
 from .openai_api import parse_ask, response_body, stream_events
 from .upstream import Upstream
 
@@ -35,7 +36,7 @@ def create_app(config: ServeConfig) -> "FastAPI":
 
     metrics = Metrics()
     engine = Engine(config, metrics)
-    upstream = Upstream(config, engine.cm.manifest["base_model"]["reference"]) if config.upstream else None
+    upstream = Upstream(config, engine.cm.manifest.base_model) if config.upstream else None
     started = int(time.time())
 
     @asynccontextmanager

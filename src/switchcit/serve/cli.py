@@ -6,7 +6,7 @@ import argparse
 import logging
 import os
 
-from ..options import fallback_option, model_options
+from ..options import config_from, config_options, fallback_option, model_options
 from .app import create_app
 from .config import ServeConfig
 from .upstream import vllm_command
@@ -18,18 +18,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     """Register `switchcit serve` and its options."""
     p = subparsers.add_parser("serve", help="serve a store over an OpenAI-compatible HTTP API")
     p.add_argument("--store", required=True, help="store folder (tasks learned while serving are picked up live)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000)
+    config_options(p, ServeConfig)
     p.add_argument("--api-key", default=os.environ.get("SWITCHCIT_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $SWITCHCIT_API_KEY; /health stays open)")
-    p.add_argument("--max-batch-size", type=int, default=32, help="most requests in one batch (1: no batching)")
-    p.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a batch waits to fill up")
-    p.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask (the default)")
-    p.add_argument("--max-prompt-chars", type=int, default=16000, help="longest prompt accepted, in characters")
-    p.add_argument("--upstream", default=None, metavar="URL", help="router-only mode: route, then forward to this "
-                   "OpenAI-compatible multi-LoRA server (e.g. vLLM) with the task's adapter as model")
-    p.add_argument("--upstream-base-model", default=None, help="the upstream's name for the base model "
-                   "(default: the store's base model reference)")
     p.add_argument("--upstream-api-key", default=os.environ.get("SWITCHCIT_UPSTREAM_API_KEY"),
                    help="API key for the upstream (default: $SWITCHCIT_UPSTREAM_API_KEY)")
     p.add_argument("--print-vllm-command", action="store_true",
@@ -47,11 +38,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="switchcit: %(message)s")
-    config = ServeConfig(store=args.store, model=args.model, device=args.device, dtype=args.dtype,
-                         fallback=not args.no_fallback, host=args.host, port=args.port, api_key=args.api_key,
-                         max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, max_tokens=args.max_tokens,
-                         max_prompt_chars=args.max_prompt_chars, upstream=args.upstream,
-                         upstream_base_model=args.upstream_base_model, upstream_api_key=args.upstream_api_key)
+    config = config_from(args, ServeConfig, store=args.store, model=args.model, device=args.device, dtype=args.dtype,
+                         fallback=not args.no_fallback, api_key=args.api_key, upstream_api_key=args.upstream_api_key)
     if not config.api_key and config.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s without --api-key: anyone who can reach it can use it", config.host)
     app = create_app(config)

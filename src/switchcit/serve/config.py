@@ -1,11 +1,10 @@
-"""Server settings, the model names it answers to, and errors as OpenAI error objects."""
+"""Server settings and the model names it answers to."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..continual import BASE
-from ..errors import SwitchcitError
+from ..settings import check_ranges, knob
 
 AUTO = "switchcit"  # the model name that lets the switch pick the task
 MAX_PROMPTS = 128  # prompts in one /v1/completions request
@@ -20,42 +19,19 @@ class ServeConfig:
     device: str | None = None
     dtype: str | None = None
     fallback: bool = True
-    host: str = "127.0.0.1"
-    port: int = 8000
-    api_key: str | None = None
-    max_batch_size: int = 32
-    max_wait_ms: float = 10.0
-    max_tokens: int = 512
-    max_prompt_chars: int = 16000
-    upstream: str | None = None
-    upstream_base_model: str | None = None
-    upstream_api_key: str | None = None
-    upstream_timeout: float = 600.0
+    host: str = knob("127.0.0.1", "--host", "address to listen on")
+    port: int = knob(8000, "--port", "port to listen on", low=0, high=65535)
+    api_key: str | None = None  # the CLI reads --api-key or $SWITCHCIT_API_KEY
+    max_batch_size: int = knob(32, "--max-batch-size", "most requests in one batch (1: no batching)", low=1)
+    max_wait_ms: float = knob(10.0, "--max-wait-ms", "how long a batch waits to fill up", low=0)
+    max_tokens: int = knob(512, "--max-tokens", "largest max_tokens a request may ask (and its default)", low=1)
+    max_prompt_chars: int = knob(16000, "--max-prompt-chars", "longest prompt accepted, in characters", low=1)
+    upstream: str | None = knob(None, "--upstream", "router-only mode: route, then forward to this OpenAI-compatible "
+                                "multi-LoRA server URL (e.g. vLLM) with the task's adapter as model (default: none)")
+    upstream_base_model: str | None = knob(None, "--upstream-base-model", "the upstream's name for the base model "
+                                           "(default: the store's base model reference)")
+    upstream_api_key: str | None = None  # the CLI reads --upstream-api-key or $SWITCHCIT_UPSTREAM_API_KEY
+    upstream_timeout: float = knob(600.0, low=0, open_low=True)
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_size", "max_tokens", "max_prompt_chars"):
-            if getattr(self, name) < 1:
-                raise SwitchcitError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.max_wait_ms < 0:
-            raise SwitchcitError("--max-wait-ms must not be negative")
-
-
-class ApiError(Exception):
-    """An error answered as an OpenAI error object: {"error": {"message", "type", "param", "code"}}."""
-
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-def invalid(message: str, param: str | None = None, code: str | None = None) -> ApiError:
-    return ApiError(400, message, param=param, code=code)
-
-
-def model_not_found(model: str, models: list[str]) -> ApiError:
-    return ApiError(404, f"model '{model}' does not exist: use '{AUTO}' (routed by the switch), '{BASE}' or a task "
-                    f"name ({', '.join(models[2:]) or 'none learned yet'})", param="model", code="model_not_found")
+        check_ranges(self)

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import queue
 import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from dataclasses import replace as with_fields
 
-from ..continual import BASE, Completion, ContinualModel, Route
-from .config import AUTO, POLL_SECONDS, ApiError, ServeConfig, model_not_found
+from ..continual import BASE, ContinualModel
+from ..generation import Generation, Route
+from .config import AUTO, POLL_SECONDS, ServeConfig
+from .errors import ApiError, model_not_found
 
 log = logging.getLogger("switchcit.serve")
 
@@ -28,12 +30,6 @@ class Job:
     task: str | None  # a forced task or 'base'; None lets the switch decide
     max_tokens: int
     future: Future = field(default_factory=Future)
-
-
-@dataclass(frozen=True)
-class Answer:
-    route: Route
-    completion: Completion = Completion("", 0, True, 0)  # empty in router-only mode: the upstream generates
 
 
 class Metrics:
@@ -77,8 +73,7 @@ class Engine:
         self.generates = config.upstream is None
         self.cm = ContinualModel(config.store, base_model=config.model, device=config.device, dtype=config.dtype,
                                  progress=False, fallback=config.fallback)
-        self._stamp = self._manifest_stamp()  # before reading: a commit in between is then picked up by polling
-        self.cm.manifest = self.cm.store.read()  # a clear error now if the store is missing or corrupt
+        self.cm.store.read()  # a clear error now if the store is missing or corrupt
         self._next_poll = time.monotonic() + POLL_SECONDS
         self._warm()
         self._queue: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
@@ -97,7 +92,7 @@ class Engine:
         self._queue.put(None)
         self._thread.join()
 
-    async def answer(self, prompts: list[str], task: str | None, max_tokens: int) -> list[Answer]:
+    async def answer(self, prompts: list[str], task: str | None, max_tokens: int) -> list[Generation]:
         """Queue one job per prompt and wait; a cancelled request drops its jobs that have not started."""
         jobs = [Job(p, task, max_tokens) for p in prompts]
         for job in jobs:
@@ -145,13 +140,13 @@ class Engine:
             if self.generates:
                 by_length.setdefault(job.max_tokens, []).append((job, route))
             else:
-                job.future.set_result(Answer(route))
+                job.future.set_result(Generation(job.prompt, route.task, route.confidence, ""))  # upstream answers
         # One generate call per max_tokens value keeps every answer equal to the same request run alone.
         for max_tokens, group in by_length.items():
             try:
-                done = self.cm.complete([j.prompt for j, _ in group], [r.task for _, r in group], max_tokens,
+                done = self.cm.generate([j.prompt for j, _ in group], [r.task for _, r in group], max_tokens,
                                         batch_size=len(group))
-                answers = [Answer(r, c) for (_, r), c in zip(group, done)]
+                answers = [with_fields(d, confidence=r.confidence) for (_, r), d in zip(group, done)]
             except Exception as exc:
                 self._fail([j for j, _ in group], exc, "generation")
                 continue
@@ -174,26 +169,16 @@ class Engine:
         if self.cm.switch is not None:
             self.cm.encoder  # noqa: B018
 
-    def _manifest_stamp(self) -> tuple | None:
-        try:
-            stat = os.stat(self.cm.store.manifest_path)
-        except FileNotFoundError:
-            return None
-        return stat.st_ino, stat.st_mtime_ns, stat.st_size
-
     def _poll_store(self) -> None:
-        """Between batches, reload the store if its manifest was replaced; on failure keep serving and retry."""
+        """Between batches, follow the store if `learn` or `forget` changed it; on failure keep serving and retry."""
         if time.monotonic() < self._next_poll:
             return
         self._next_poll = time.monotonic() + POLL_SECONDS
-        stamp = self._manifest_stamp()
-        if stamp is None or stamp == self._stamp:
-            return
         try:
-            self.cm.refresh()
+            if not self.cm.refresh():
+                return
             self._warm()
         except Exception:
             log.exception("reloading store %s failed; serving the tasks loaded before and retrying", self.cm.store.root)
             return
-        self._stamp = stamp
         log.info("store %s reloaded: tasks %s", self.cm.store.root, self.cm.task_names)

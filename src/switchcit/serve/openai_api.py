@@ -10,8 +10,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ..continual import BASE, Route
-from .config import AUTO, MAX_PROMPTS, ServeConfig, invalid, model_not_found
-from .engine import Answer
+from ..generation import Generation
+from .config import AUTO, MAX_PROMPTS, ServeConfig
+from .errors import invalid, model_not_found
 
 
 @dataclass
@@ -124,18 +125,18 @@ def routing(ask: Ask, routes: list[Route]) -> dict | list[dict]:
     return fields[0] if ask.single else fields
 
 
-def _finish(ask: Ask, answer: Answer) -> tuple[str, str]:
+def _finish(ask: Ask, answer: Generation) -> tuple[str, str]:
     """The answer cut at the first stop string, and OpenAI's finish_reason."""
-    text = answer.completion.text
+    text = answer.output
     cuts = [text.find(s) for s in ask.stop if s in text]
     if cuts:
         return text[:min(cuts)], "stop"
-    return text, "stop" if answer.completion.stopped else "length"
+    return text, "stop" if answer.stopped else "length"
 
 
-def _usage(answers: list[Answer]) -> dict:
-    prompt = sum(a.completion.prompt_tokens for a in answers)
-    completion = sum(a.completion.tokens for a in answers)
+def _usage(answers: list[Generation]) -> dict:
+    prompt = sum(a.prompt_tokens for a in answers)
+    completion = sum(a.tokens for a in answers)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
@@ -146,7 +147,7 @@ def _head(ask: Ask, streaming: bool) -> dict:
             "model": ask.model}
 
 
-def response_body(ask: Ask, answers: list[Answer]) -> dict:
+def response_body(ask: Ask, answers: list[Generation]) -> dict:
     choices = []
     for index, answer in enumerate(answers):
         text, reason = _finish(ask, answer)
@@ -160,7 +161,7 @@ def sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-def stream_events(ask: Ask, answers: list[Answer]) -> Iterator[str]:
+def stream_events(ask: Ask, answers: list[Generation]) -> Iterator[str]:
     """The finished answers as SSE chunks of about a word each; the first chunk carries the routing."""
     head = _head(ask, True)
     extra = {"switchcit": routing(ask, [a.route for a in answers])}

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 
 from ..continual import BASE, Route
 from ..store import Store
-from .config import ApiError, ServeConfig
+from .config import ServeConfig
+from .errors import ApiError
 from .openai_api import Ask, routing, sse
 
 if TYPE_CHECKING:
@@ -133,16 +134,15 @@ def vllm_command(store: str | Path) -> str:
 
     store = Store(store)
     manifest = store.read()
-    reference = manifest["base_model"]["reference"]
+    reference = manifest.base_model
     with redirect_stdout(sys.stderr):  # converting the embedded model prints a note; stdout is the command
         location = model_location(reference)
-    rank = max([t.get("lora", {}).get("r", 8) for t in manifest["tasks"]], default=8)
+    rank = max([t.lora.get("r", 8) for t in manifest.tasks], default=8)
     rank = next((r for r in VLLM_LORA_RANKS if r >= rank), rank)
     command = ["vllm", "serve", location]
     if location != reference:  # router-only mode names the base model by the store's reference
         command += ["--served-model-name", reference]
-    command += ["--enable-lora", "--max-lora-rank", str(rank), "--max-loras", str(max(1, len(manifest["tasks"])))]
-    if manifest["tasks"]:
-        command += ["--lora-modules", *[f"{t['name']}={store.path(t['adapter']).resolve()}"
-                                        for t in manifest["tasks"]]]
+    command += ["--enable-lora", "--max-lora-rank", str(rank), "--max-loras", str(max(1, len(manifest.tasks)))]
+    if manifest.tasks:
+        command += ["--lora-modules", *[f"{t.name}={store.path(t.adapter).resolve()}" for t in manifest.tasks]]
     return shlex.join(command)

@@ -1,0 +1,46 @@
+"""What learning or forgetting a task writes to the store, under its writer lock.
+
+New files go to fresh paths; the switch is rebuilt from every task's memory as a step before the
+commit, and the manifest that names it all replaces the old one in one atomic step (store.py): an
+interrupted transaction changes nothing the store's readers see.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .memory import MemoryConfig, build_switch, remember
+from .store import Manifest, Store, TaskEntry, now
+
+if TYPE_CHECKING:
+    import torch
+
+    from .adapters import AdapterPool
+    from .data import Task
+    from .experts import ExpertConfig
+    from .gaussian import GaussianSwitch
+    from .switch import Switch, SwitchConfig
+
+
+def write_task(store: Store, pool: AdapterPool, task: Task, features: torch.Tensor, stats: dict,
+               expert: ExpertConfig, memory: MemoryConfig, switch: SwitchConfig) -> TaskEntry:
+    """Save the just-trained adapter (a plain PEFT folder) and the task's memory; returns its manifest entry."""
+    adapter = store.fresh("adapters", task.name)
+    pool.save_training(store.path(adapter))
+    memory_path = store.fresh("memory", task.name, ".safetensors")
+    remember(features, memory, switch, task.wordings).save(store.path(memory_path))
+    return TaskEntry(task.name, adapter, memory_path, len(task.examples), memory.size_for(len(features)),
+                     stats["steps"], round(stats["final_loss"], 4), expert.to_dict(), now())
+
+
+def commit(store: Store, manifest: Manifest, tasks: list[TaskEntry], config: SwitchConfig,
+           full_features: dict[str, torch.Tensor]) -> tuple[Manifest, tuple[str, Switch | GaussianSwitch] | None]:
+    """Build the switch for `tasks` from their memory (all features where given), then commit: the new
+    manifest, and the switch with its store path (None when no task is left)."""
+    built = None
+    if tasks:
+        switch = build_switch({t.name: store.memory(t) for t in tasks}, config, full_features)
+        path = store.fresh("switch", f"v{manifest.generation + 1}")
+        switch.save(store.path(path))
+        built = path, switch
+    return store.commit(manifest.with_tasks(tasks, built[0] if built else None)), built
