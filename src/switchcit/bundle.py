@@ -24,6 +24,8 @@ def _sha256(data: bytes) -> str:
 def export_store(root: str | Path, out: str | Path) -> dict:
     """Write the store's live files (manifest, adapters, switch, memory) and their SHA-256 to a tar file."""
     store, out = Store(root), Path(out)
+    if out.resolve() == store.root.resolve() or store.root.resolve() in out.resolve().parents:
+        raise SwitchcitError(f"{out} is inside store {store.root}: write the bundle outside the store")
     with store.lock():  # a consistent snapshot: no learn commits while we read
         manifest = store.read()
         files = [MANIFEST]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 
 from .bench import add_parser as add_bench_parser
 from .bench import cmd_bench
@@ -107,17 +108,18 @@ def cmd_learn(args) -> None:
     from .data import Task, load_examples
     from .store import Store
 
+    expert = config_from(args, ExpertConfig)  # bad options fail first, before any data is read
+    memory = config_from(args, MemoryConfig, seed=expert.seed)
+    switch = config_from(args, SwitchConfig)
     task = Task(args.task, load_examples(args.data))
     store = Store(args.store)
     if not store.exists() and store.root.exists() and any(p.name != ".lock" for p in store.root.iterdir()):
         raise SwitchcitError(f"{args.store} exists and is not a switchcit store: choose an empty or new folder")
-    expert = config_from(args, ExpertConfig)
-    keep = store.exists() and not given(args, SwitchConfig, "router")  # an existing store keeps its router
-    stored_router = {"router": store.read().router} if keep else {}
+    if store.exists() and not given(args, SwitchConfig, "router"):  # an existing store keeps its router
+        switch = replace(switch, router=store.read().router)
     cm = ContinualModel(args.store, base_model=args.model, encoder=args.encoder, device=args.device,
-                        dtype=args.dtype, progress=not args.quiet, expert_config=expert,
-                        memory_config=config_from(args, MemoryConfig, seed=expert.seed),
-                        switch_config=config_from(args, SwitchConfig, **stored_router))
+                        dtype=args.dtype, progress=not args.quiet, expert_config=expert, memory_config=memory,
+                        switch_config=switch)
     entry = cm.learn(task, replace=args.replace)
     if entry is not None:  # None in data-parallel helper processes
         print(f"learned task '{entry.name}' ({entry.examples} examples, {entry.steps} steps, "

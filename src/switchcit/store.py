@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import shutil
 import sys
 import uuid
@@ -29,6 +30,35 @@ if TYPE_CHECKING:
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 LOCK = ".lock"
+KINDS = ("adapters", "switch", "memory")
+# Every path a manifest may name, as `fresh` makes them: nothing absolute, no '..', nothing outside its kind.
+_FRESH = r"[0-9a-f]{12}"
+_PATHS = {"adapter": re.compile(rf"adapters/(?P<name>[^/]+)/{_FRESH}"),
+          "memory": re.compile(rf"memory/(?P<name>[^/]+)/{_FRESH}\.safetensors"),
+          "switch": re.compile(rf"switch/v[0-9]+/{_FRESH}")}
+
+
+_ENTRY_TYPES = {"examples": int, "memory_size": int, "steps": int, "final_loss": (int, float), "lora": dict}
+
+
+def _checked(entry: TaskEntry, index: int) -> TaskEntry:
+    """The entry, if its types, name and paths are what switchcit writes; else ValueError naming the field."""
+    from .data import check_task_name
+
+    for f in fields(entry):
+        value = getattr(entry, f.name)
+        if isinstance(value, bool) or not isinstance(value, _ENTRY_TYPES.get(f.name, str)):
+            raise ValueError(f"tasks[{index}].{f.name} has the wrong type")
+    try:
+        check_task_name(entry.name)
+    except SwitchcitError as exc:
+        raise ValueError(f"tasks[{index}].name: {exc}") from None
+    for field_name in ("adapter", "memory"):
+        match = _PATHS[field_name].fullmatch(getattr(entry, field_name))
+        if not match or match["name"] != entry.name:
+            raise ValueError(f"tasks[{index}].{field_name} {getattr(entry, field_name)!r} is not a path of this "
+                             "task inside the store")
+    return entry
 
 
 @dataclass(frozen=True)
@@ -47,7 +77,7 @@ class TaskEntry:
 
     @classmethod
     def from_json(cls, data: dict) -> TaskEntry:
-        return cls(**{f.name: data[f.name] for f in fields(cls)})
+        return cls(**{f.name: data[f.name] for f in fields(cls)})  # checked by Manifest.from_json
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -83,10 +113,22 @@ class Manifest:
 
     @classmethod
     def from_json(cls, data: dict) -> Manifest:
+        """The manifest of a parsed manifest.json; ValueError or KeyError naming the first bad field."""
+        if not isinstance(data.get("tasks"), list):
+            raise ValueError("tasks is not a list")
+        tasks = tuple(_checked(TaskEntry.from_json(t), i) for i, t in enumerate(data["tasks"]))
+        names = [t.name for t in tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tasks names a task twice ({sorted({n for n in names if names.count(n) > 1})})")
+        switch = data["switch"]
+        if switch is not None and not (isinstance(switch, str) and _PATHS["switch"].fullmatch(switch)):
+            raise ValueError(f"switch {switch!r} is not a switch path inside the store")
+        if bool(switch) != bool(tasks):
+            raise ValueError("switch must be set exactly when tasks are")
         return cls(data["base_model"]["reference"], data["base_model"]["fingerprint"], data["encoder"]["reference"],
                    data["encoder"]["dim"], data["memory"]["fraction"], data["memory"]["min_per_task"],
-                   data.get("router", "mlp"), tuple(TaskEntry.from_json(t) for t in data["tasks"]), data["switch"],
-                   data.get("generation", 0), data.get("created_at"), data.get("updated_at"))
+                   data.get("router", "mlp"), tasks, switch, data.get("generation", 0), data.get("created_at"),
+                   data.get("updated_at"))
 
     def to_json(self) -> dict:
         return {"format": FORMAT_VERSION,
@@ -135,9 +177,10 @@ class Store:
                 raise SwitchcitError(f"{self.manifest_path} has format {data['format']}, newer than this "
                                      f"switchcit understands ({FORMAT_VERSION}): upgrade switchcit")
             return Manifest.from_json(data)
-        except (ValueError, UnicodeDecodeError, KeyError, TypeError) as exc:
-            raise SwitchcitError(f"{self.manifest_path} is corrupt ({type(exc).__name__}: {exc}): restore it from "
-                                 "a backup or start a new store") from None
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as exc:
+            what = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc) or type(exc).__name__
+            raise SwitchcitError(f"{self.manifest_path} is corrupt ({what}): restore it from a backup or start a "
+                                 "new store") from None
 
     def memory(self, task: TaskEntry) -> TaskMemory:
         """What the store keeps of one task for routing (the one way to read it)."""
@@ -146,7 +189,19 @@ class Store:
         return TaskMemory.load(self.path(task.memory))
 
     def path(self, relative: str) -> Path:
-        return self.root / relative
+        """A path inside the store, reached without following a link: switchcit never reads, writes or
+        deletes through a link placed in a store, which could point anywhere."""
+        root = Path(os.path.normpath(self.root))
+        path = Path(os.path.normpath(root / relative))
+        if root not in path.parents:
+            raise SwitchcitError(f"{relative!r} is not a path inside store {self.root}: refusing it")
+        for part in [path, *path.parents]:
+            if part == root:
+                break
+            if part.is_symlink():
+                raise SwitchcitError(f"store {self.root} has a link at {part}: switchcit follows no links inside a "
+                                     "store; replace it with the folder or file itself")
+        return path
 
     def fresh(self, kind: str, name: str, suffix: str = "") -> str:
         """A new relative path `kind/name/<random><suffix>` that no manifest can name yet."""
@@ -187,15 +242,22 @@ class Store:
         return manifest
 
     def sweep(self, manifest: Manifest) -> None:
-        """Delete files and folders under adapters/, switch/ and memory/ that the manifest does not name."""
-        live = {self.path(p).resolve() for p in manifest.live_paths()}
-        for kind in ("adapters", "switch", "memory"):
-            for group in sorted(self.path(kind).glob("*")):
-                for entry in sorted(group.glob("*")):
-                    if entry.resolve() not in live:
-                        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-                if group.is_dir() and not any(group.iterdir()):
+        """Delete the files and folders under adapters/, switch/ and memory/ that the manifest does not name.
+        Only real files and folders are touched: a link is never followed, descended or removed."""
+        live = set(manifest.live_paths())
+        for kind in KINDS:
+            if not _real_dir(self.root / kind):
+                continue
+            for group in sorted(p for p in (self.root / kind).iterdir() if _real_dir(p)):
+                for entry in sorted(group.iterdir()):
+                    if f"{kind}/{group.name}/{entry.name}" in live or entry.is_symlink():
+                        continue
+                    shutil.rmtree(entry) if _real_dir(entry) else entry.unlink()
+                if not any(group.iterdir()):
                     group.rmdir()
         for stale in self.root.glob(f".{MANIFEST}.*.tmp"):
             stale.unlink()
 
+
+def _real_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink()
