@@ -30,7 +30,8 @@ def test_store_layout_is_plain_peft(trained_store, stream):
         assert (folder / "adapter_model.safetensors").is_file()
         assert PeftConfig.from_pretrained(str(folder)).r == TINY_EXPERT.r
         assert entry["memory_size"] == MemoryConfig().size_for(entry["examples"])
-    assert sorted(p.name for p in (trained_store / "switch").iterdir()) == [f"v{len(stream)}"]
+    # the current switch, and the previous one until the next commit (readers that opened it still find it)
+    assert sorted(p.name for p in (trained_store / "switch").iterdir()) == [f"v{len(stream) - 1}", f"v{len(stream)}"]
 
 
 def test_memory_keeps_features_only(trained_store):
@@ -116,6 +117,8 @@ def test_replace_retrains_one_task_atomically(store_copy, stream, tiny_model):
     assert [t["name"] for t in after["tasks"]] == [t.name for t, _ in stream[1:]] + [train.name]
     assert after["tasks"][-1]["examples"] == 40
     old_adapter = before["tasks"][0]["adapter"]
+    assert (store_copy / old_adapter).exists()  # kept until the next commit: readers that opened it find it
+    cm.forget(stream[1][0].name)
     assert not (store_copy / old_adapter).exists()
     assert not (store_copy / before["switch"]).exists()
 

@@ -129,3 +129,174 @@ def test_library_configs_refuse_bad_values_in_one_line():
         assert "\n" not in str(caught.value)
     proc = run_cli("learn", "--store", "unused", "--task", "t", "--data", "unused.jsonl", "--lr", "nan")
     one_line_error(proc, "learning_rate (--lr)")
+
+
+# -- training, store state and options ---------------------------------------------------------------------
+
+def test_a_non_finite_loss_stops_learn_before_anything_is_written(store_copy, stream):
+    from switchcit import ContinualModel, ExpertConfig
+
+    before = snapshot(store_copy)
+    cm = ContinualModel(store_copy, progress=False, expert_config=ExpertConfig(learning_rate=1e30, max_steps=6))
+    with pytest.raises(SwitchcitError, match=r"loss became .* at step \d+: lower learning_rate \(--lr\)"):
+        cm.learn(stream[0][0].__class__("blowup", stream[0][0].examples[:16]))
+    assert snapshot(store_copy) == before
+
+
+def test_a_store_missing_a_file_is_refused_before_training(store_copy, tmp_path, stream, tiny_model):
+    import shutil
+
+    manifest = Store(store_copy).read()
+    shutil.rmtree(store_copy / manifest.tasks[1].adapter)
+    before = snapshot(store_copy)
+    data = write_jsonl(tmp_path / "t.jsonl", task_rows(stream[0][1])[:8])
+    proc = run_cli("learn", "--store", store_copy, "--task", "late", "--data", data, "--model", tiny_model, "-q")
+    one_line_error(proc, "which its manifest names")
+    assert snapshot(store_copy) == before
+
+
+def test_a_read_only_store_is_refused_before_training(store_copy, stream, monkeypatch):
+    """Tests run as root, so write permission is simulated: the store's write probe gets EACCES."""
+    import errno
+    import pathlib
+
+    from switchcit import ContinualModel
+
+    real = pathlib.Path.write_bytes
+
+    def refuse(self, data):
+        if self.name.startswith(".write-test"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real(self, data)
+
+    monkeypatch.setattr(pathlib.Path, "write_bytes", refuse)
+    before = snapshot(store_copy)
+    cm = ContinualModel(store_copy, progress=False)
+    with pytest.raises(SwitchcitError, match="cannot be written"):
+        cm.learn(stream[0][0].__class__("late", stream[0][0].examples[:8]))
+    assert not cm.adapters.loaded  # refused before the model was even loaded for training
+    assert snapshot(store_copy) == before
+
+
+def test_a_full_disk_at_commit_is_one_line_and_keeps_the_store(store_copy, tmp_path, stream, tiny_model,
+                                                              monkeypatch, capsys):
+    import errno
+
+    from switchcit import cli, store
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store.json, "dump", full)
+    manifest = (store_copy / "manifest.json").read_bytes()
+    data = write_jsonl(tmp_path / "t.jsonl", task_rows(stream[0][1])[:8])
+    code = cli.main(["learn", "--store", str(store_copy), "--task", "late", "--data", str(data), "--model",
+                     str(tiny_model), "--max-steps", "1", "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and err[-1].startswith("switchcit: error: No space left on device")
+    assert "Traceback" not in "\n".join(err)
+    assert (store_copy / "manifest.json").read_bytes() == manifest
+    monkeypatch.undo()
+    assert Store(store_copy).read().task_names == [t.name for t, _ in stream]
+
+
+@pytest.mark.parametrize("args, pattern", [
+    (["generate", "--max-new-tokens", "0", "hi"], "max_new_tokens (0)"),
+    (["generate", "--batch-size", "0", "hi"], "batch_size (0)"),
+    (["route", "--device", "bogus", "hi"], "unknown device 'bogus'"),
+    (["route", "--device", "cuda", "hi"], "no usable CUDA GPU"),
+])
+def test_bad_options_are_one_line(trained_store, args, pattern):
+    one_line_error(run_cli(args[0], "--store", trained_store, *args[1:]), pattern)
+
+
+def test_store_paths_that_are_no_store(tmp_path):
+    regular = tmp_path / "file"
+    regular.write_text("x")
+    for command in (["forget", "--task", "t"], ["export", "--out", str(tmp_path / "b.tar")], ["tasks"]):
+        one_line_error(run_cli(command[0], "--store", regular, *command[1:]), "is a file, not a store folder")
+        missing = tmp_path / "missing"
+        one_line_error(run_cli(command[0], "--store", missing, *command[1:]), "no switchcit store")
+        assert not missing.exists()  # forget and export must not create it
+
+
+def test_an_empty_prompt_asks_for_no_task(trained_store):
+    from switchcit import BASE, ContinualModel
+
+    cm = ContinualModel(trained_store, progress=False)
+    routes = cm.route(["", "   ", "Reverse the order of these words.\n\na b"])
+    assert [r.task for r in routes[:2]] == [BASE, BASE] and routes[2].task != BASE
+
+
+# -- data files and bundles ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("content, pattern", [
+    (b'{"instruction": "caf\xe9", "output": "x"}\n', "not UTF-8 text"),
+    ('{"instruction": "a", "output": "b"}\n'.encode("utf-16"), "not UTF-8 text"),
+    (b"\x00\x01\x02\xff" * 10, "not UTF-8 text"),
+    (("[" * 100000 + "]" * 100000 + "\n").encode(), "nested too deeply"),
+    (b'{"instruction": "a\\ud800b", "output": "x"}\n', "unpaired UTF-16 surrogate"),
+])
+def test_bad_data_files_are_one_line(tmp_path, content, pattern):
+    from switchcit import load_examples
+
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(SwitchcitError, match=pattern) as caught:
+        load_examples(path)
+    assert "\n" not in str(caught.value)
+
+
+def _tar(path, members: list[tuple[str, bytes]]):
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_bundle_bombs_and_odd_members_are_refused(trained_store, tmp_path):
+    import gzip
+    import hashlib
+
+    with pytest.raises(SwitchcitError, match="twice"):
+        import_bundle(_tar(tmp_path / "dup.tar", [("manifest.json", b"{}"), ("manifest.json", b"{}")]),
+                      tmp_path / "s1")
+    big = b"\0" * (1 << 20)
+    bomb = tmp_path / "bomb.tar.gz"
+    raw = _tar(tmp_path / "bomb.tar", [("checksums.json", json.dumps({"x": hashlib.sha256(big).hexdigest()})
+                                        .encode()), ("x", big)])
+    bomb.write_bytes(gzip.compress(raw.read_bytes()))
+    assert bomb.stat().st_size < 10_000
+    with pytest.raises(SwitchcitError, match="more than 65536 bytes"):
+        import_bundle(bomb, tmp_path / "s2", max_bytes=65536)
+    sparse = tmp_path / "sparse.tar"
+    with tarfile.open(sparse, "w", format=tarfile.GNU_FORMAT) as tar:
+        info = tarfile.TarInfo("x")
+        info.type = tarfile.GNUTYPE_SPARSE
+        tar.addfile(info)
+    with pytest.raises(SwitchcitError, match="not a plain file"):
+        import_bundle(sparse, tmp_path / "s3")
+    with pytest.raises(SwitchcitError, match="no valid checksums.json"):
+        import_bundle(_tar(tmp_path / "shape.tar", [("checksums.json", b"[1, 2]")]), tmp_path / "s4")
+    for name in ("s1", "s2", "s3", "s4"):
+        assert not (tmp_path / name).exists()
+
+
+def test_a_bad_request_fails_only_itself(trained_store):
+    import concurrent.futures
+
+    import httpx
+    from test_serve import AUTH, app, serve_in_thread
+
+    with serve_in_thread(app(trained_store)) as url:
+        def ask(prompt):  # json.dumps escapes a lone surrogate as \ud800, as a hostile client would send it
+            body = json.dumps({"model": "switchcit", "prompt": prompt, "max_tokens": 2})
+            return httpx.post(f"{url}/v1/completions", headers={**AUTH, "Content-Type": "application/json"},
+                              content=body, timeout=120)
+        prompts = ["a\ud800b", "", *["Reverse the order of these words.\n\na b c"] * 8]
+        with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+            answers = list(pool.map(ask, prompts))
+    assert [r.status_code for r in answers] == [400, 400] + [200] * 8
+    assert "surrogate" in answers[0].json()["error"]["message"] and answers[1].json()["error"]["param"] == "prompt"

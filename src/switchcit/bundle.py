@@ -53,7 +53,32 @@ def _safe_name(name: str) -> bool:
     return bool(name) and not path.is_absolute() and ".." not in path.parts and "\\" not in name
 
 
-def import_bundle(bundle: str | Path, root: str | Path) -> dict:
+MAX_BYTES = 8 * 2**30  # what `import` unpacks at most, counted as it reads (declared sizes are not trusted)
+
+
+def _read_members(tar: tarfile.TarFile, bundle: Path, max_bytes: int) -> dict[str, bytes]:
+    """Every file of the bundle, read in a stream; refuse links, devices, sparse or repeated members, escaping
+    paths, and more than `max_bytes` in all."""
+    files: dict[str, bytes] = {}
+    total = 0
+    for m in tar:
+        if m.isdir() and _safe_name(m.name):
+            continue
+        if not m.isreg() or m.issparse() or not _safe_name(m.name):
+            raise SwitchcitError(f"bundle {bundle} holds '{m.name}': a link, a device, a sparse file or a path "
+                                 "outside the store, not a plain file: refusing it")
+        if m.name in files:
+            raise SwitchcitError(f"bundle {bundle} holds '{m.name}' twice: refusing it")
+        data = tar.extractfile(m).read(max_bytes - total + 1)
+        total += len(data)
+        if total > max_bytes:
+            raise SwitchcitError(f"bundle {bundle} unpacks to more than {max_bytes} bytes: refusing it (raise "
+                                 "max_bytes, --max-bytes, if you trust it)")
+        files[m.name] = data
+    return files
+
+
+def import_bundle(bundle: str | Path, root: str | Path, max_bytes: int = MAX_BYTES) -> dict:
     """Unpack a bundle into a new store folder; refuse links, escaping paths, and any checksum mismatch."""
     bundle, root = Path(bundle), Path(root)
     if not bundle.is_file():
@@ -62,17 +87,14 @@ def import_bundle(bundle: str | Path, root: str | Path) -> dict:
         raise SwitchcitError(f"{root} is not empty: import into a new folder")
     try:
         with tarfile.open(bundle, "r") as tar:
-            members = tar.getmembers()
-            for m in members:
-                if not (m.isfile() or m.isdir()) or not _safe_name(m.name):
-                    raise SwitchcitError(f"bundle {bundle} holds '{m.name}', a link or a path outside the store: "
-                                         "refusing it")
-            files = {m.name: tar.extractfile(m).read() for m in members if m.isfile()}
-    except tarfile.TarError as exc:
+            files = _read_members(tar, bundle, max_bytes)
+    except (tarfile.TarError, EOFError, OSError) as exc:
         raise SwitchcitError(f"{bundle} is not a readable tar bundle ({exc})") from None
     try:
         checksums = json.loads(files.pop(CHECKSUMS))
-    except (KeyError, ValueError):
+        if not isinstance(checksums, dict) or not all(isinstance(v, str) for v in checksums.values()):
+            raise ValueError("not a map of names to SHA-256")
+    except (KeyError, ValueError, RecursionError):
         raise SwitchcitError(f"bundle {bundle} has no valid {CHECKSUMS}: use `switchcit export`") from None
     if set(files) != set(checksums):
         raise SwitchcitError(f"bundle {bundle} does not match its checksum list (extra or missing files): refusing it")

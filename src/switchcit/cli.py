@@ -9,6 +9,7 @@ from dataclasses import replace
 
 from .bench import add_parser as add_bench_parser
 from .bench import cmd_bench
+from .bundle import MAX_BYTES
 from .errors import SwitchcitError
 from .experts import ExpertConfig
 from .memory import MemoryConfig
@@ -68,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("import", help="unpack a bundle made by `export` into a new store folder")
     p.add_argument("bundle")
     p.add_argument("--store", required=True, help="new (or empty) folder for the store")
+    p.add_argument("--max-bytes", type=int, default=MAX_BYTES,
+                   help=f"most bytes the bundle may unpack to (default: {MAX_BYTES})")
 
     p = sub.add_parser("demo", help="learn the built-in 4-task stream on the embedded model and report")
     p.add_argument("--store", default=None, help="keep the demo store here (default: a temporary folder)")
@@ -179,7 +182,7 @@ def cmd_export(args) -> None:
 def cmd_import(args) -> None:
     from .bundle import import_bundle
 
-    manifest = import_bundle(args.bundle, args.store)
+    manifest = import_bundle(args.bundle, args.store, args.max_bytes)
     print(f"imported {len(manifest.tasks)} task(s) into {args.store}")
 
 
@@ -201,6 +204,11 @@ def main(argv: list[str] | None = None) -> int:
         COMMANDS[args.command](args)
     except SwitchcitError as exc:
         print(f"switchcit: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # disk full, permissions, ...: the store keeps its last committed state
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"switchcit: error: {exc.strerror or exc}{where}; the store keeps its last committed state",
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("switchcit: interrupted; the store keeps its last committed state", file=sys.stderr)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from dataclasses import replace as with_fields
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from .adapters import BASE, TRAINING, AdapterPool
 from .data import Task
@@ -19,9 +18,6 @@ from .models import DEFAULT_MODEL, absolute_if_local, fingerprint, resolve_devic
 from .store import Manifest, Store, TaskEntry
 from .switch import Switch, SwitchConfig
 from .transaction import commit, write_task
-
-if TYPE_CHECKING:
-    import torch
 
 
 class ContinualModel:
@@ -100,7 +96,7 @@ class ContinualModel:
         missing = [i for i, e in enumerate(task.examples, 1) if not e.output]
         if not task.examples or missing:
             raise SwitchcitError(f"task '{task.name}' needs examples with outputs (missing at rows {missing[:5]})")
-        self._check_new_name(task.name, replace)
+        self._check_store(task.name, replace)
         self.adapters.base  # noqa: B018 - load (and check against the store) the base model before anything else
         rank, _ = data_parallel()
         features = self.encoder.encode(task.prompts) if rank == 0 else None
@@ -110,14 +106,16 @@ class ContinualModel:
                                  desc=f"learn {task.name}")
             if rank > 0:  # data-parallel helpers train; only the first process writes the store
                 return None
-            with self.store.lock():
+            with self.store.lock(create=True):
                 self.manifest = self.store.read() if self.store.exists() else Manifest(
                     self.base_reference, fingerprint(self.adapters.base), self.encoder_reference, features.shape[1],
                     self.memory_config.fraction, self.memory_config.min_per_task, self.switch_config.router)
-                self._check_new_name(task.name, replace)
+                self._check_store(task.name, replace)
                 entry = write_task(self.store, self.adapters, task, features, stats, config, self.memory_config,
                                    self.switch_config)
-                self._commit([*[t for t in self.tasks if t.name != task.name], entry], {task.name: features})
+                tasks = [*[t for t in self.tasks if t.name != task.name], entry]
+                self.manifest, self._switch = commit(self.store, self.manifest, tasks, self.switch_config,
+                                                     {task.name: features})
         self.refresh()
         return entry
 
@@ -127,26 +125,28 @@ class ContinualModel:
             self.manifest = self.store.read()
             if name not in self.task_names:
                 raise SwitchcitError(f"task '{name}' is not in store {self.store.root}: known are {self.task_names}")
-            self._commit([t for t in self.tasks if t.name != name], {})
+            self.manifest, self._switch = commit(self.store, self.manifest, [t for t in self.tasks if t.name != name],
+                                                 self.switch_config, {}, keep_previous=False)
         self.refresh()
 
-    def _check_new_name(self, name: str, replace: bool) -> None:
+    def _check_store(self, name: str, replace: bool) -> None:
+        """Before training and again at the commit: a new name (or `replace`), and a whole, writable store."""
+        self.store.check_ready(self.manifest)
         if name in self.task_names and not replace:
             raise SwitchcitError(f"task '{name}' is already in store {self.store.root}: pass replace=True "
                                  "(--replace) to retrain it, or choose another name")
 
-    def _commit(self, tasks: list[TaskEntry], full_features: dict[str, torch.Tensor]) -> None:
-        self.manifest, self._switch = commit(self.store, self.manifest, tasks, self.switch_config, full_features)
-
     def route(self, prompts: list[str]) -> list[Route]:
         """The task (and switch confidence) for each raw prompt: 'base' (confidence None) when nothing is learned
         yet or, with fallback on, when the prompt lies outside every task's region (a request of no known task)."""
-        if not prompts or self.switch is None:
-            return [Route(BASE, None) for _ in prompts]
-        features = self.encoder.encode(prompts)
-        labels, confidences = self.switch.predict(features)
-        known = self.switch.known(features, labels) if self.fallback else [True] * len(labels)
-        return [Route(t, c) if k else Route(BASE, None) for t, c, k in zip(labels, confidences, known)]
+        routes, asked = [Route(BASE, None)] * len(prompts), [i for i, p in enumerate(prompts) if p.strip()]
+        if asked and self.switch is not None:  # an empty prompt asks for no task
+            features = self.encoder.encode([prompts[i] for i in asked])
+            labels, confidences = self.switch.predict(features)
+            known = self.switch.known(features, labels) if self.fallback else [True] * len(labels)
+            for i, t, c, k in zip(asked, labels, confidences, known):
+                routes[i] = Route(t, c) if k else Route(BASE, None)
+        return routes
 
     def generate(self, prompts: list[str], tasks: list[str] | None = None, max_new_tokens: int = 64,
                  batch_size: int = 16, min_new_tokens: int = 0) -> list[Generation]:

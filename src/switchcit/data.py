@@ -72,6 +72,16 @@ def make_prompt(instruction: str, input_text: str | None = None) -> str:
 
 def parse_row(row: object, require_output: bool) -> Example:
     """One JSON value -> Example; raises ValueError with a short reason."""
+    example = _parse_row(row, require_output)
+    for text in (example.prompt, example.output or ""):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("holds an unpaired UTF-16 surrogate escape (e.g. \\ud800), which is not text") from None
+    return example
+
+
+def _parse_row(row: object, require_output: bool) -> Example:
     if not isinstance(row, dict):
         raise ValueError("expected a JSON object")
     if "messages" in row:
@@ -114,16 +124,22 @@ def load_examples(path: str | Path, require_output: bool = True) -> list[Example
     if not path.is_file():
         raise SwitchcitError(f"data file not found: {path}")
     examples = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                examples.append(parse_row(json.loads(line), require_output))
-            except json.JSONDecodeError as exc:
-                raise SwitchcitError(f"{path}:{number}: malformed JSON ({exc.msg}): fix or remove the line") from None
-            except ValueError as exc:
-                raise SwitchcitError(f"{path}:{number}: {exc}") from None
+    try:
+        lines = path.read_bytes().decode("utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise SwitchcitError(f"{path}: not UTF-8 text (byte {exc.start} cannot be decoded): save it as UTF-8 "
+                             "JSONL") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            examples.append(parse_row(json.loads(line), require_output))
+        except json.JSONDecodeError as exc:
+            raise SwitchcitError(f"{path}:{number}: malformed JSON ({exc.msg}): fix or remove the line") from None
+        except RecursionError:
+            raise SwitchcitError(f"{path}:{number}: JSON nested too deeply: give flat rows") from None
+        except ValueError as exc:
+            raise SwitchcitError(f"{path}:{number}: {exc}") from None
     if not examples:
         raise SwitchcitError(f"{path}: no examples: a task needs at least one JSONL row")
     return examples

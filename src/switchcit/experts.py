@@ -168,6 +168,9 @@ def train_params(model, params: list, examples: list[Example], tokenizer: PreTra
             mine = indices[rank::world]
             batch = {k: v.to(device) for k, v in collate([rows[i] for i in mine], tokenizer.pad_token_id).items()}
             loss = answer_loss(model, batch, normalizer=sum(answer_tokens[i] for i in indices))
+            if not torch.isfinite(loss):
+                raise SwitchcitError(f"the training loss became {loss.item()} at step {len(losses) + 1}: lower "
+                                     "learning_rate (--lr) or check the data; nothing was written")
             loss.backward()
             if world > 1:  # one collective for all gradients, not one per tensor
                 grads = [param.grad for param in params]

@@ -98,7 +98,11 @@ def generate_routed(pool: AdapterPool, prompts: list[str], routes: list[Route], 
     from tqdm.auto import tqdm
 
     from .data import encode_prompt
+    from .errors import SwitchcitError
 
+    if max_new_tokens < 1 or batch_size < 1 or min_new_tokens < 0:
+        raise SwitchcitError(f"max_new_tokens ({max_new_tokens}) and batch_size ({batch_size}) must be at least 1 and "
+                             f"min_new_tokens ({min_new_tokens}) not negative")
     encoded = [encode_prompt(pool.tokenizer, p) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     answers: list[Generation] = [None] * len(prompts)

@@ -55,6 +55,12 @@ def resolve_device(device: str | None) -> str:
 
     if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        raise SwitchcitError(f"unknown device '{device}': use auto, cpu, cuda or cuda:N") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise SwitchcitError(f"device '{device}' asked, but this machine has no usable CUDA GPU: use --device cpu")
     return device
 
 

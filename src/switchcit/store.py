@@ -156,6 +156,8 @@ class Store:
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
+        if self.root.exists() and not self.root.is_dir():
+            raise SwitchcitError(f"{self.root} is a file, not a store folder: give a folder")
 
     @property
     def manifest_path(self) -> Path:
@@ -173,11 +175,13 @@ class Store:
             data = json.loads(self.manifest_path.read_text(encoding="utf-8"))
             if not isinstance(data, dict) or "format" not in data:
                 raise ValueError("missing keys")
-            if isinstance(data["format"], int) and data["format"] > FORMAT_VERSION:
+            if not isinstance(data["format"], int) or isinstance(data["format"], bool):
+                raise ValueError(f"format {data['format']!r} is not a whole number")
+            if data["format"] > FORMAT_VERSION:
                 raise SwitchcitError(f"{self.manifest_path} has format {data['format']}, newer than this "
                                      f"switchcit understands ({FORMAT_VERSION}): upgrade switchcit")
             return Manifest.from_json(data)
-        except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as exc:
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError, RecursionError, OSError) as exc:
             what = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc) or type(exc).__name__
             raise SwitchcitError(f"{self.manifest_path} is corrupt ({what}): restore it from a backup or start a "
                                  "new store") from None
@@ -208,9 +212,13 @@ class Store:
         return f"{kind}/{name}/{uuid.uuid4().hex[:12]}{suffix}"
 
     @contextmanager
-    def lock(self) -> Iterator[None]:
-        """Exclusive writer lock; waits (and says so) while another writer holds it."""
-        self.root.mkdir(parents=True, exist_ok=True)
+    def lock(self, create: bool = False) -> Iterator[None]:
+        """Exclusive writer lock; waits (and says so) while another writer holds it. Only `create` makes
+        the folder: forgetting in or exporting a store that is not there must not create one."""
+        if create:
+            self.root.mkdir(parents=True, exist_ok=True)
+        elif not self.exists():
+            self.read()  # the one-line "no switchcit store" error
         with open(self.root / LOCK, "a+") as handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -222,8 +230,25 @@ class Store:
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
-    def commit(self, manifest: Manifest) -> Manifest:
-        """Make `manifest` the store's state in one atomic step, then sweep files it no longer names."""
+    def check_ready(self, manifest: Manifest | None) -> None:
+        """Refuse, before hours of training are spent on it, a store that lacks a file its manifest names or
+        that cannot be written now."""
+        missing = [p for p in manifest.live_paths() if not self.path(p).exists()] if manifest else []
+        if missing:
+            raise SwitchcitError(f"store {self.root} lacks {missing[0]}, which its manifest names: restore it "
+                                 "from a backup, or forget its task")
+        self.root.mkdir(parents=True, exist_ok=True)
+        probe = self.root / f".write-test.{uuid.uuid4().hex[:8]}"
+        try:
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise SwitchcitError(f"store {self.root} cannot be written ({exc.strerror}): fix its permissions or "
+                                 "free space, then learn again") from None
+
+    def commit(self, manifest: Manifest, keep: tuple[str, ...] = ()) -> Manifest:
+        """Make `manifest` the store's state in one atomic step, then sweep files that neither it nor `keep`
+        names (the previous generation's files, kept so that readers who opened it never see them vanish)."""
         stamp = now()
         manifest = replace(manifest, updated_at=stamp, created_at=manifest.created_at or stamp)
         for relative in manifest.live_paths():
@@ -238,13 +263,13 @@ class Store:
             os.fsync(handle.fileno())
         os.replace(staging, self.manifest_path)
         _fsync_dir(self.root)
-        self.sweep(manifest)
+        self.sweep(manifest, keep)
         return manifest
 
-    def sweep(self, manifest: Manifest) -> None:
-        """Delete the files and folders under adapters/, switch/ and memory/ that the manifest does not name.
-        Only real files and folders are touched: a link is never followed, descended or removed."""
-        live = set(manifest.live_paths())
+    def sweep(self, manifest: Manifest, keep: tuple[str, ...] = ()) -> None:
+        """Delete the files and folders under adapters/, switch/ and memory/ that neither the manifest nor
+        `keep` names. Only real files and folders are touched: a link is never followed, descended or removed."""
+        live = {*manifest.live_paths(), *keep}
         for kind in KINDS:
             if not _real_dir(self.root / kind):
                 continue

@@ -34,13 +34,16 @@ def write_task(store: Store, pool: AdapterPool, task: Task, features: torch.Tens
 
 
 def commit(store: Store, manifest: Manifest, tasks: list[TaskEntry], config: SwitchConfig,
-           full_features: dict[str, torch.Tensor]) -> tuple[Manifest, tuple[str, Switch | GaussianSwitch] | None]:
+           full_features: dict[str, torch.Tensor], keep_previous: bool = True
+           ) -> tuple[Manifest, tuple[str, Switch | GaussianSwitch] | None]:
     """Build the switch for `tasks` from their memory (all features where given), then commit: the new
-    manifest, and the switch with its store path (None when no task is left)."""
+    manifest, and the switch with its store path (None when no task is left). The previous manifest's
+    files stay until the next commit unless `keep_previous` is off (forget: nothing of a task may stay)."""
     built = None
     if tasks:
         switch = build_switch({t.name: store.memory(t) for t in tasks}, config, full_features)
         path = store.fresh("switch", f"v{manifest.generation + 1}")
         switch.save(store.path(path))
         built = path, switch
-    return store.commit(manifest.with_tasks(tasks, built[0] if built else None)), built
+    keep = tuple(manifest.live_paths()) if keep_previous else ()
+    return store.commit(manifest.with_tasks(tasks, built[0] if built else None), keep), built

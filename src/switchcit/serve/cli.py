@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from pathlib import Path
 
+from ..errors import SwitchcitError
 from ..options import config_from, config_options, fallback_option, model_options
 from .app import create_app
 from .config import ServeConfig
@@ -19,8 +21,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p = subparsers.add_parser("serve", help="serve a store over an OpenAI-compatible HTTP API")
     p.add_argument("--store", required=True, help="store folder (tasks learned while serving are picked up live)")
     config_options(p, ServeConfig)
-    p.add_argument("--api-key", default=os.environ.get("SWITCHCIT_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' (default: $SWITCHCIT_API_KEY; /health stays open)")
+    p.add_argument("--api-key-file", default=None, metavar="FILE",
+                   help="require 'Authorization: Bearer KEY', the key being this file's first line (or set "
+                        "$SWITCHCIT_API_KEY; /health stays open; default: no key)")
+    p.add_argument("--api-key", default=None,
+                   help="the key itself: visible to every local user in `ps`, prefer --api-key-file")
     p.add_argument("--upstream-api-key", default=os.environ.get("SWITCHCIT_UPSTREAM_API_KEY"),
                    help="API key for the upstream (default: $SWITCHCIT_UPSTREAM_API_KEY)")
     p.add_argument("--print-vllm-command", action="store_true",
@@ -31,6 +36,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return p
 
 
+def _api_key(args: argparse.Namespace) -> str | None:
+    if args.api_key:
+        log.warning("--api-key on the command line is visible to every local user in `ps`: prefer "
+                    "--api-key-file or $SWITCHCIT_API_KEY")
+        return args.api_key
+    if args.api_key_file:
+        try:
+            return Path(args.api_key_file).read_text(encoding="utf-8").splitlines()[0].strip() or None
+        except (OSError, UnicodeDecodeError, IndexError):
+            raise SwitchcitError(f"cannot read an API key from {args.api_key_file}: give a readable file whose "
+                                 "first line is the key") from None
+    return os.environ.get("SWITCHCIT_API_KEY")
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     if args.print_vllm_command:
         print(vllm_command(args.store))
@@ -39,7 +58,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     logging.basicConfig(level=logging.INFO, format="switchcit: %(message)s")
     config = config_from(args, ServeConfig, store=args.store, model=args.model, device=args.device, dtype=args.dtype,
-                         fallback=not args.no_fallback, api_key=args.api_key, upstream_api_key=args.upstream_api_key)
+                         fallback=not args.no_fallback, api_key=_api_key(args), upstream_api_key=args.upstream_api_key)
     if not config.api_key and config.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s without --api-key: anyone who can reach it can use it", config.host)
     app = create_app(config)

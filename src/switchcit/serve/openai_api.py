@@ -59,10 +59,23 @@ def _chat_prompt(body: dict, max_chars: int) -> str:
             prompt = texts[-1]
     if prompt is None:
         raise invalid("'messages' has no user message", "messages")
+    _check_text([prompt], "messages")
     if sum(map(len, texts)) > max_chars:
         raise invalid(f"the messages are longer than this server's limit of {max_chars} characters", "messages",
                        "context_length_exceeded")
     return prompt
+
+
+def _check_text(prompts: list[str], param: str) -> None:
+    """Refuse, before it joins a batch, text that no tokenizer takes: empty, or not encodable (lone surrogates)."""
+    for p in prompts:
+        if not p.strip():
+            raise invalid("a prompt is empty: send some text", param)
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError:
+            raise invalid("a prompt holds an unpaired UTF-16 surrogate, which is not text: fix its encoding",
+                          param) from None
 
 
 def _completion_prompts(body: dict, max_chars: int) -> tuple[list[str], bool]:
@@ -73,6 +86,7 @@ def _completion_prompts(body: dict, max_chars: int) -> tuple[list[str], bool]:
                        "supported)", "prompt")
     if len(prompts) > MAX_PROMPTS:
         raise invalid(f"at most {MAX_PROMPTS} prompts per request", "prompt")
+    _check_text(prompts, "prompt")
     if any(len(p) > max_chars for p in prompts):
         raise invalid(f"a prompt is longer than this server's limit of {max_chars} characters", "prompt",
                        "context_length_exceeded")
