@@ -6,6 +6,8 @@ import tarfile
 
 import pytest
 from conftest import run_cli, snapshot, task_rows, write_jsonl
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from switchcit import Store, SwitchcitError
 from switchcit.bundle import export_store, import_bundle
@@ -300,3 +302,111 @@ def test_a_bad_request_fails_only_itself(trained_store):
             answers = list(pool.map(ask, prompts))
     assert [r.status_code for r in answers] == [400, 400] + [200] * 8
     assert "surrogate" in answers[0].json()["error"]["message"] and answers[1].json()["error"]["param"] == "prompt"
+
+
+def test_request_bodies_are_bounded_in_size_depth_tokens_and_time(trained_store):
+    import socket
+    import time
+
+    import httpx
+    from test_serve import AUTH, app, serve_in_thread
+
+    server = app(trained_store, max_body_bytes=4000, max_prompt_tokens=40, body_timeout_s=1.0)
+    with serve_in_thread(server) as url, httpx.Client(base_url=url, headers=AUTH, timeout=60) as http:
+        deep = '{"model": "switchcit", "prompt": ' + "[" * 100000 + "]" * 100000 + "}"
+        response = http.post("/v1/completions", content=deep, headers={"Content-Type": "application/json"})
+        assert response.status_code in (400, 413)  # refused either way, never a 500
+        nested = '{"model": "switchcit", "prompt": ' + "[" * 1900 + "]" * 1900 + "}"
+        assert http.post("/v1/completions", content=nested).status_code == 400
+        big = http.post("/v1/completions", json={"model": "switchcit", "prompt": "x" * 5000})
+        assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
+        long = http.post("/v1/completions", json={"model": "switchcit", "prompt": "apple river " * 60})
+        assert long.status_code == 400 and long.json()["error"]["code"] == "context_length_exceeded"
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as slow:
+            slow.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: {AUTH['Authorization']}\r\n"
+                         "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"mod".encode())
+            started = time.monotonic()
+            reply = slow.recv(4096).decode(errors="replace")
+            assert reply.startswith("HTTP/1.1 408") and time.monotonic() - started < 5
+        ok = http.post("/v1/completions", json={"model": "switchcit", "prompt": "a b c", "max_tokens": 2})
+        assert ok.status_code == 200
+        metrics = http.get("/metrics").text
+        assert 'status="500"' not in metrics
+
+
+# -- generated manifests and bundles ------------------------------------------------------------------------
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner,
+                                                                                max_size=4), max_leaves=20)
+PATHS = st.sampled_from(["adapters/a/0123456789ab", "memory/a/0123456789ab.safetensors", "/etc/passwd",
+                         "../../x", "adapters/../../x", "switch/v1/0123456789ab", "", "adapters/a"])
+ENTRY = st.fixed_dictionaries({"name": st.sampled_from(["a", "b", "base", "A", "a/b", "\u001b"]), "adapter": PATHS,
+                               "memory": PATHS, "examples": JSON | st.integers(), "memory_size": st.integers(),
+                               "steps": st.integers(), "final_loss": st.floats(), "lora": JSON,
+                               "learned_at": st.text(max_size=5)})
+MANIFEST = st.fixed_dictionaries({"format": st.sampled_from([1, "1", 2, None, 1.0]),
+                                  "base_model": st.fixed_dictionaries({"reference": JSON, "fingerprint": JSON}) | JSON,
+                                  "encoder": st.fixed_dictionaries({"reference": JSON, "dim": JSON}) | JSON,
+                                  "memory": st.fixed_dictionaries({"fraction": JSON, "min_per_task": JSON}),
+                                  "tasks": st.lists(ENTRY, max_size=3) | JSON, "switch": PATHS | st.none()}) | JSON
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=MANIFEST)
+def test_generated_manifests_never_traceback_nor_reach_outside(tmp_path, data):
+    root = tmp_path / "store"
+    root.mkdir(exist_ok=True)
+    (root / "manifest.json").write_text(json.dumps(data))
+    outside = {p for p in tmp_path.parent.rglob("*") if tmp_path not in p.parents and p != tmp_path}
+    try:
+        manifest = Store(root).read()
+    except SwitchcitError as exc:
+        assert "\n" not in str(exc)
+        return
+    for relative in manifest.live_paths():  # whatever it accepted stays inside the store
+        assert root in Store(root).path(relative).parents
+    assert {p for p in tmp_path.parent.rglob("*") if tmp_path not in p.parents and p != tmp_path} == outside
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(members=st.lists(st.tuples(st.sampled_from(["manifest.json", "checksums.json", "adapters/a/x", "../x",
+                                                   "/tmp/x", "a/../../x", "memory/a/y"]),
+                                  st.binary(max_size=64) | MANIFEST.map(lambda d: json.dumps(d).encode())),
+                        max_size=5))
+def test_generated_bundles_never_traceback_nor_write_outside(tmp_path, members):
+    import uuid
+
+    work = tmp_path / uuid.uuid4().hex
+    work.mkdir()
+    bundle = _tar(work / "b.tar", members)
+    try:
+        import_bundle(bundle, work / "store")
+    except SwitchcitError as exc:
+        assert "\n" not in str(exc)
+        assert not (work / "store").exists()
+    assert {p.name for p in work.iterdir()} <= {"b.tar", "store"}
+    assert not (tmp_path / "x").exists() and not (tmp_path.parent / "x").exists()
+
+
+def test_readers_never_see_files_vanish_while_a_writer_relearns(store_copy, tmp_path, stream, tiny_model):
+    """A writer loops `learn --replace`; readers opening the store meanwhile all route (issue: 4 of 16 failed)."""
+    import subprocess
+    import sys
+
+    from switchcit import ContinualModel
+
+    data = write_jsonl(tmp_path / "t.jsonl", task_rows(stream[0][0])[:16])
+    loop = ("for i in 1 2 3; do " + " ".join([sys.executable, "-m", "switchcit", "learn", "--store", str(store_copy),
+                                                "--task", stream[0][0].name, "--data", str(data), "--model",
+                                                str(tiny_model), "--max-steps", "1", "--replace", "-q"])
+            + " || exit 1; done")
+    writer = subprocess.Popen(["bash", "-c", loop], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    prompts = stream[1][1].prompts[:3]
+    reads = 0
+    while writer.poll() is None or reads < 4:
+        assert len(ContinualModel(store_copy, progress=False).route(prompts)) == 3
+        reads += 1
+    assert writer.returncode == 0, writer.stderr.read()
+    assert reads >= 4

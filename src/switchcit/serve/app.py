@@ -97,12 +97,36 @@ def create_app(config: ServeConfig) -> "FastAPI":
         return {"object": "list", "data": [{"id": m, "object": "model", "created": started, "owned_by": "switchcit"}
                                            for m in engine.models]}
 
+    async def read_body(request: Request) -> bytes:
+        """The body, refused past --max-body-bytes while it streams in; a client that hangs up is no server error."""
+        from starlette.requests import ClientDisconnect
+
+        chunks, size = [], 0
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > config.max_body_bytes:
+                    raise ApiError(413, f"the request body is larger than this server's limit of "
+                                        f"{config.max_body_bytes} bytes", code="request_too_large")
+                chunks.append(chunk)
+        except ClientDisconnect:
+            raise ApiError(400, "the client closed the connection before the body arrived",
+                           code="client_disconnected") from None
+        return b"".join(chunks)
+
     async def complete(request: Request, chat: bool) -> Response:
         try:
-            body = json.loads(await request.body())
+            body = json.loads(await asyncio.wait_for(read_body(request), config.body_timeout_s))
+        except asyncio.TimeoutError:
+            raise ApiError(408, f"the request body did not arrive within {config.body_timeout_s:g} s",
+                           code="request_timeout") from None
         except (ValueError, UnicodeDecodeError):
             raise invalid("the request body is not valid JSON") from None
+        except RecursionError:
+            raise invalid("the request body is nested too deeply") from None
         ask = parse_ask(body, chat, config, engine.models)
+        if engine.generates:
+            engine.check_prompt_tokens(ask.prompts)
         answers = await engine.answer(ask.prompts, ask.task, ask.max_tokens)
         if upstream is None:
             if ask.stream:

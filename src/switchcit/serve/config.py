@@ -26,6 +26,10 @@ class ServeConfig:
     max_wait_ms: float = knob(10.0, "--max-wait-ms", "how long a batch waits to fill up", low=0)
     max_tokens: int = knob(512, "--max-tokens", "largest max_tokens a request may ask (and its default)", low=1)
     max_prompt_chars: int = knob(16000, "--max-prompt-chars", "longest prompt accepted, in characters", low=1)
+    max_prompt_tokens: int = knob(4096, "--max-prompt-tokens", "longest prompt accepted, in the model's tokens "
+                                  "(chat template included; not checked in router-only mode)", low=1)
+    max_body_bytes: int = knob(8 * 2**20, "--max-body-bytes", "largest request body accepted", low=1)
+    body_timeout_s: float = knob(30.0, low=0, open_low=True)  # a body not received by then gets a 408
     upstream: str | None = knob(None, "--upstream", "router-only mode: route, then forward to this OpenAI-compatible "
                                 "multi-LoRA server URL (e.g. vLLM) with the task's adapter as model (default: none)")
     upstream_base_model: str | None = knob(None, "--upstream-base-model", "the upstream's name for the base model "

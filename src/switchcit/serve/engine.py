@@ -84,6 +84,15 @@ class Engine:
     def models(self) -> list[str]:
         return [AUTO, BASE, *self.cm.task_names]
 
+    def check_prompt_tokens(self, prompts: list[str]) -> None:
+        """Refuse, before it joins a batch, a prompt longer than --max-prompt-tokens as the model sees it."""
+        from ..data import encode_prompt
+
+        longest = max(len(encode_prompt(self.cm.tokenizer, p)) for p in prompts)
+        if longest > self.config.max_prompt_tokens:
+            raise ApiError(400, f"a prompt is {longest} tokens long, more than this server's limit of "
+                                f"{self.config.max_prompt_tokens}", param="prompt", code="context_length_exceeded")
+
     def start(self) -> None:
         self._thread.start()
 
