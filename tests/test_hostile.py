@@ -410,3 +410,75 @@ def test_readers_never_see_files_vanish_while_a_writer_relearns(store_copy, tmp_
         reads += 1
     assert writer.returncode == 0, writer.stderr.read()
     assert reads >= 4
+
+
+def test_leftovers_of_killed_commands_are_swept(trained_store, tmp_path):
+    (tmp_path / ".model.tar.0123abcd.tmp").write_bytes(b"half a bundle")
+    (tmp_path / ".copy.import-0123abcd").mkdir()
+    (tmp_path / ".copy.import-0123abcd" / "manifest.json").write_text("{}")
+    (tmp_path / "unrelated.tmp").write_text("not ours")
+    export_store(trained_store, tmp_path / "model.tar")
+    import_bundle(tmp_path / "model.tar", tmp_path / "copy")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy", "model.tar", "unrelated.tmp"]
+
+
+def test_a_row_that_breaks_its_batch_fails_only_itself(trained_store, monkeypatch):
+    """A fault no validation foresaw (injected into generation for one prompt): the batch is retried row by row."""
+    import concurrent.futures
+
+    import httpx
+    from test_serve import AUTH, app, serve_in_thread
+
+    server = app(trained_store, max_wait_ms=200)
+    cm = server.state.engine.cm
+    real = cm.generate
+
+    def generate(prompts, *args, **kwargs):
+        if any("POISON" in p for p in prompts):
+            raise RuntimeError("poisoned row")
+        return real(prompts, *args, **kwargs)
+
+    monkeypatch.setattr(cm, "generate", generate)
+    with serve_in_thread(server) as url:
+        def ask(prompt):
+            return httpx.post(f"{url}/v1/completions", headers=AUTH, timeout=120,
+                              json={"model": "base", "prompt": prompt, "max_tokens": 2})
+        prompts = ["POISON a b", *[f"Reverse the order of these words.\n\na b {i}" for i in range(7)]]
+        with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+            answers = list(pool.map(ask, prompts))
+    assert [r.status_code for r in answers] == [500] + [200] * 7
+    assert "poisoned row" in answers[0].json()["error"]["message"]
+
+
+def test_the_api_key_file_and_the_warning_about_ps(tmp_path, caplog):
+    import argparse
+
+    from switchcit.serve.cli import _api_key
+
+    key = tmp_path / "key"
+    key.write_text("s3cret\nignored\n")
+    assert _api_key(argparse.Namespace(api_key=None, api_key_file=str(key))) == "s3cret"
+    with caplog.at_level("WARNING", logger="switchcit.serve"):
+        assert _api_key(argparse.Namespace(api_key="visible", api_key_file=None)) == "visible"
+    assert "visible to every local user" in caplog.text
+    with pytest.raises(SwitchcitError, match="cannot read an API key"):
+        _api_key(argparse.Namespace(api_key=None, api_key_file=str(tmp_path / "missing")))
+
+
+def test_export_works_on_a_read_only_store(store_copy, tmp_path, monkeypatch):
+    """Tests run as root, so a read-only store is simulated: opening anything in it for writing gets EACCES."""
+    import builtins
+    import errno
+
+    from switchcit import store as store_module
+
+    real = builtins.open
+
+    def read_only(path, mode="r", *args, **kwargs):
+        if str(store_copy) in str(path) and any(c in mode for c in "wa+"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(store_module, "open", read_only, raising=False)
+    info = export_store(store_copy, tmp_path / "b.tar")
+    assert info["tasks"] == len(Store(store_copy).read().tasks) and (tmp_path / "b.tar").stat().st_size > 0

@@ -26,7 +26,7 @@ def export_store(root: str | Path, out: str | Path) -> dict:
     store, out = Store(root), Path(out)
     if out.resolve() == store.root.resolve() or store.root.resolve() in out.resolve().parents:
         raise SwitchcitError(f"{out} is inside store {store.root}: write the bundle outside the store")
-    with store.lock():  # a consistent snapshot: no learn commits while we read
+    with store.lock(shared=True):  # a consistent snapshot: no learn commits while we read
         manifest = store.read()
         files = [MANIFEST]
         for relative in manifest.live_paths():
@@ -35,6 +35,7 @@ def export_store(root: str | Path, out: str | Path) -> dict:
                 if path.is_dir() else [relative]
         contents = {name: store.path(name).read_bytes() for name in files}
     checksums = {name: _sha256(data) for name, data in contents.items()}
+    _sweep_stale(out.parent, f".{out.name}.*.tmp")  # a killed export's half-written bundle
     staging = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         with tarfile.open(staging, "w") as tar:
@@ -46,6 +47,14 @@ def export_store(root: str | Path, out: str | Path) -> dict:
     finally:
         staging.unlink(missing_ok=True)
     return {"files": len(contents), "bytes": sum(len(d) for d in contents.values()), "tasks": len(manifest.tasks)}
+
+
+def _sweep_stale(folder: Path, pattern: str) -> None:
+    """Remove what a killed export or import of the same target left, by the names only they use."""
+    for stale in folder.glob(pattern):
+        if stale.is_symlink():
+            continue
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
 
 
 def _safe_name(name: str) -> bool:
@@ -101,6 +110,7 @@ def import_bundle(bundle: str | Path, root: str | Path, max_bytes: int = MAX_BYT
     for name, data in files.items():
         if _sha256(data) != checksums[name]:
             raise SwitchcitError(f"bundle {bundle} is damaged or tampered: checksum of {name} does not match")
+    _sweep_stale(root.parent, f".{root.name}.import-*")  # a killed import's half-unpacked store
     staging = root.with_name(f".{root.name}.import-{uuid.uuid4().hex[:8]}")
     try:
         for name, data in files.items():

@@ -212,19 +212,24 @@ class Store:
         return f"{kind}/{name}/{uuid.uuid4().hex[:12]}{suffix}"
 
     @contextmanager
-    def lock(self, create: bool = False) -> Iterator[None]:
-        """Exclusive writer lock; waits (and says so) while another writer holds it. Only `create` makes
-        the folder: forgetting in or exporting a store that is not there must not create one."""
+    def lock(self, create: bool = False, shared: bool = False) -> Iterator[None]:
+        """Exclusive writer lock, or a `shared` one for a reader that needs a consistent snapshot (export:
+        it works on a read-only store too); waits (and says so) while a writer holds it. Only `create`
+        makes the folder: forgetting in or exporting a store that is not there must not create one."""
         if create:
             self.root.mkdir(parents=True, exist_ok=True)
         elif not self.exists():
             self.read()  # the one-line "no switchcit store" error
-        with open(self.root / LOCK, "a+") as handle:
+        if shared and not (self.root / LOCK).exists():  # no writer ever ran here
+            yield
+            return
+        mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+        with open(self.root / LOCK, "r" if shared else "a+") as handle:
             try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(handle, mode | fcntl.LOCK_NB)
             except BlockingIOError:
                 print(f"switchcit: waiting for another writer of {self.root} ...", file=sys.stderr, flush=True)
-                fcntl.flock(handle, fcntl.LOCK_EX)
+                fcntl.flock(handle, mode)
             try:
                 yield
             finally:
@@ -280,8 +285,10 @@ class Store:
                     shutil.rmtree(entry) if _real_dir(entry) else entry.unlink()
                 if not any(group.iterdir()):
                     group.rmdir()
-        for stale in self.root.glob(f".{MANIFEST}.*.tmp"):
-            stale.unlink()
+        for pattern in (f".{MANIFEST}.*.tmp", ".write-test.*"):  # left by killed commands
+            for stale in self.root.glob(pattern):
+                if stale.is_file() and not stale.is_symlink():
+                    stale.unlink()
 
 
 def _real_dir(path: Path) -> bool:

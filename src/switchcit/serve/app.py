@@ -18,7 +18,7 @@ from ..errors import SwitchcitError
 from .config import ENDPOINTS, ServeConfig
 from .engine import Engine, Metrics
 from .errors import ApiError, invalid
-from .openai_api import parse_ask, response_body, stream_events
+from .openai_api import openapi_body, parse_ask, response_body, stream_events
 from .upstream import Upstream
 
 if TYPE_CHECKING:
@@ -49,7 +49,7 @@ def create_app(config: ServeConfig) -> "FastAPI":
             if upstream:
                 await upstream.client.aclose()
 
-    app = FastAPI(title="switchcit", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="switchcit", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.engine = engine
 
     def error(exc: ApiError) -> JSONResponse:
@@ -137,11 +137,11 @@ def create_app(config: ServeConfig) -> "FastAPI":
             return StreamingResponse(await upstream.open_stream(ask, routes), media_type="text/event-stream")
         return JSONResponse(await upstream.complete(ask, routes))
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=openapi_body("chat"))
     async def chat_completions(request: Request) -> Response:
         return await complete(request, chat=True)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=openapi_body("completion"))
     async def completions(request: Request) -> Response:
         return await complete(request, chat=False)
 

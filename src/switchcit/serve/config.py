@@ -9,7 +9,7 @@ from ..settings import check_ranges, knob
 AUTO = "switchcit"  # the model name that lets the switch pick the task
 MAX_PROMPTS = 128  # prompts in one /v1/completions request
 POLL_SECONDS = 1.0  # how often the worker looks for a changed manifest
-ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
+ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/openapi.json")
 
 
 @dataclass

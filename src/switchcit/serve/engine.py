@@ -132,11 +132,16 @@ class Engine:
         return [j for j in jobs if j is not None and j.future.set_running_or_notify_cancel()]
 
     def _process(self, jobs: list[Job]) -> None:
+        """Route and answer a batch. Should the batch fail, each job is tried alone: one bad row fails only itself."""
         try:
             auto = [j for j in jobs if j.task is None]
             routes = dict(zip(map(id, auto), self.cm.route([j.prompt for j in auto])))
         except Exception as exc:
-            self._fail(jobs, exc, "routing")
+            if len(jobs) == 1:
+                self._fail(jobs, exc, "routing")
+            else:
+                for job in jobs:
+                    self._process([job])
             return
         known = set(self.models)
         by_length: dict[int, list[tuple[Job, Route]]] = {}
@@ -157,7 +162,11 @@ class Engine:
                                         batch_size=len(group))
                 answers = [with_fields(d, confidence=r.confidence) for (_, r), d in zip(group, done)]
             except Exception as exc:
-                self._fail([j for j, _ in group], exc, "generation")
+                if len(group) == 1:
+                    self._fail([j for j, _ in group], exc, "generation")
+                else:
+                    for job, _ in group:
+                        self._process([job])
                 continue
             for (job, _), answer in zip(group, answers):
                 job.future.set_result(answer)

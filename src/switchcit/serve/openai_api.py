@@ -93,6 +93,31 @@ def _completion_prompts(body: dict, max_chars: int) -> tuple[list[str], bool]:
     return prompts, isinstance(prompt, str)
 
 
+# The request bodies as OpenAPI documents them (parsing is `parse_ask`'s: OpenAI clients send more fields).
+_STOP = {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 4}]}
+_COMMON = {"model": {"type": "string", "description": "'switchcit' routes; 'base' or a task name forces"},
+           "max_tokens": {"type": "integer", "minimum": 1}, "max_completion_tokens": {"type": "integer", "minimum": 1},
+           "stream": {"type": "boolean"}, "stream_options": {"type": "object"}, "stop": _STOP,
+           "n": {"type": "integer"}, "temperature": {"type": "number"}}
+_CONTENT = {"oneOf": [{"type": "string"}, {"type": "array", "items": {
+    "type": "object", "properties": {"type": {"type": "string"}, "text": {"type": "string"}}}}]}
+REQUEST_SCHEMAS = {
+    "completion": {"type": "object", "required": ["model", "prompt"], "properties": {
+        **_COMMON, "prompt": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}}},
+    "chat": {"type": "object", "required": ["model", "messages"], "properties": {
+        **_COMMON, "messages": {"type": "array", "items": {"type": "object", "required": ["role", "content"],
+                                                            "properties": {"role": {"type": "string"},
+                                                                           "content": _CONTENT}}}}},
+}
+
+
+def openapi_body(kind: str) -> dict:
+    """`openapi_extra` for a route whose body `parse_ask` reads: the schema, and the errors it answers."""
+    error = {"description": "an OpenAI error object: {\"error\": {\"message\", \"type\", \"param\", \"code\"}}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": REQUEST_SCHEMAS[kind]}}},
+            "responses": {str(code): error for code in (400, 401, 404, 408, 413, 500)}}
+
+
 def _max_tokens(body: dict, limit: int) -> int:
     name = next((k for k in ("max_completion_tokens", "max_tokens") if body.get(k) is not None), None)
     if name is None:
