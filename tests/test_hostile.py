@@ -482,3 +482,32 @@ def test_export_works_on_a_read_only_store(store_copy, tmp_path, monkeypatch):
     monkeypatch.setattr(store_module, "open", read_only, raising=False)
     info = export_store(store_copy, tmp_path / "b.tar")
     assert info["tasks"] == len(Store(store_copy).read().tasks) and (tmp_path / "b.tar").stat().st_size > 0
+
+
+def test_manifests_of_the_wrong_format_or_kind_are_one_line(store_copy):
+    path = store_copy / "manifest.json"
+    manifest = json.loads(path.read_text())
+    for fmt, pattern in (("1", "not a whole number"), (99, "newer than this switchcit understands")):
+        path.write_text(json.dumps({**manifest, "format": fmt}))
+        one_line_error(run_cli("tasks", "--store", store_copy), pattern)
+    path.unlink()
+    path.mkdir()  # a directory where the manifest should be
+    one_line_error(run_cli("tasks", "--store", store_copy), "is corrupt")
+
+
+def test_a_client_hanging_up_mid_body_is_no_server_error(trained_store):
+    import socket
+    import time
+
+    import httpx
+    from test_serve import AUTH, app, serve_in_thread
+
+    with serve_in_thread(app(trained_store)) as url:
+        host, port = url.removeprefix("http://").split(":")
+        for _ in range(3):
+            with socket.create_connection((host, int(port)), timeout=10) as gone:
+                gone.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: {AUTH['Authorization']}"
+                             "\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n{\"model\"".encode())
+        time.sleep(0.5)
+        metrics = httpx.get(f"{url}/metrics", headers=AUTH).text
+    assert 'status="500"' not in metrics
