@@ -511,3 +511,28 @@ def test_a_client_hanging_up_mid_body_is_no_server_error(trained_store):
         time.sleep(0.5)
         metrics = httpx.get(f"{url}/metrics", headers=AUTH).text
     assert 'status="500"' not in metrics
+
+
+def test_every_option_parses_to_its_field_type():
+    """Options built from the config fields give each field the type its dataclass declares."""
+    import argparse
+    import dataclasses
+
+    from switchcit import ExpertConfig
+    from switchcit.options import config_from
+    from switchcit.serve import ServeConfig, add_parser
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    args = parser.parse_args(["serve", "--store", "s", "--upstream", "http://127.0.0.1:9", "--port", "9000",
+                              "--max-wait-ms", "2.5", "--max-prompt-tokens", "100"])
+    config = config_from(args, ServeConfig, store="s")
+    assert (config.upstream, config.port, config.max_wait_ms, config.max_prompt_tokens) == (
+        "http://127.0.0.1:9", 9000, 2.5, 100)
+    from switchcit.cli import build_parser
+
+    learn = build_parser().parse_args(["learn", "--store", "s", "--task", "t", "--data", "d", "--lora-alpha", "32",
+                                       "--max-steps", "5", "--lr", "0.01"])
+    expert = config_from(learn, ExpertConfig)
+    assert (expert.lora_alpha, expert.max_steps, expert.learning_rate) == (32, 5, 0.01)
+    assert expert.r == next(f.default for f in dataclasses.fields(ExpertConfig) if f.name == "r")

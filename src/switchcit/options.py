@@ -16,10 +16,15 @@ def config_options(p: argparse.ArgumentParser, cls: type) -> None:
         meta = f.metadata
         if not meta.get("flag"):
             continue
-        kind = type(f.default) if f.default is not None else (float if "float" in str(f.type) else int)
+        kind = type(f.default) if f.default is not None else _annotated_type(str(f.type))
         shown = "" if f.default is None else f" (default: {f.default})"  # a None default is explained in the help
         p.add_argument(meta["flag"], dest=f"{cls.__name__}.{f.name}", type=kind, default=None, metavar=f.name.upper(),
                        choices=meta.get("choices"), help=meta["help"] + shown)
+
+
+def _annotated_type(annotation: str) -> type:
+    """The value type of an optional field (`int | None` -> int), from its annotation's text."""
+    return next((t for name, t in (("str", str), ("float", float), ("int", int)) if name in annotation), str)
 
 
 def config_from(args: argparse.Namespace, cls: type[T], **fixed: Any) -> T:
