@@ -536,3 +536,42 @@ def test_every_option_parses_to_its_field_type():
     expert = config_from(learn, ExpertConfig)
     assert (expert.lora_alpha, expert.max_steps, expert.learning_rate) == (32, 5, 0.01)
     assert expert.r == next(f.default for f in dataclasses.fields(ExpertConfig) if f.name == "r")
+
+
+def test_review_findings_stay_fixed(store_copy, tmp_path, stream, tiny_model):
+    """Top-level manifest types, a blank API key file, Unicode line separators inside JSON strings, a task of
+    identical prompts, and a folder left by an interrupted first learn."""
+    import argparse
+
+    from switchcit import ContinualModel, SwitchConfig, load_examples
+    from switchcit.memory import MemoryConfig, build_switch, remember
+    from switchcit.serve.cli import _api_key
+
+    path = store_copy / "manifest.json"
+    manifest = json.loads(path.read_text())
+    for key, value in (("generation", "3"), ("router", "bogus")):
+        path.write_text(json.dumps({**manifest, key: value}))
+        with pytest.raises(SwitchcitError, match="is corrupt"):
+            Store(store_copy).read()
+    path.write_text(json.dumps(manifest))
+    blank = tmp_path / "key"
+    blank.write_text("\nsecret\n")
+    with pytest.raises(SwitchcitError, match="cannot read an API key"):
+        _api_key(argparse.Namespace(api_key=None, api_key_file=str(blank)))
+    rows = tmp_path / "u2028.jsonl"
+    rows.write_text(json.dumps({"instruction": "a\u2028b", "output": "x"}, ensure_ascii=False) + "\n")
+    assert load_examples(rows)[0].prompt == "a\u2028b"
+    import torch
+
+    same = torch.ones(8, 4)
+    switch = build_switch({"same": remember(same, MemoryConfig(), SwitchConfig(router="gaussian")),
+                           "other": remember(torch.randn(8, 4) * 5, MemoryConfig(), SwitchConfig(router="gaussian"))},
+                          SwitchConfig(router="gaussian"))
+    assert switch.known(same[:1], ["same"]) == [True]
+    leftover = tmp_path / "new-store"
+    (leftover / "adapters" / "t" / "0123456789ab").mkdir(parents=True)
+    data = write_jsonl(tmp_path / "t.jsonl", task_rows(stream[0][1])[:8])
+    run_cli("learn", "--store", leftover, "--task", "t", "--data", data, "--model", tiny_model, "--max-steps", "1",
+            "-q", check=True)
+    assert ContinualModel(leftover).task_names == ["t"]
+    assert [p.name for p in (leftover / "adapters" / "t").iterdir()] != ["0123456789ab"]  # swept by the commit

@@ -89,7 +89,7 @@ def test_routing_benchmark_on_the_demo_stream(tmp_path):
     out = tmp_path / "run"
     routing_bench("--stream", "demo", "--train-examples", "40", "--eval-examples", "12", "--out", str(out))
     report = json.loads((out / "routing.json").read_text())
-    assert report["default"] == SwitchConfig().router == "gaussian"
+    assert report["default"] == SwitchConfig().kind == "gaussian"
     assert set(report["routers"]) == {"gaussian", "mlp", "centroid", "knn"}
     keys = {"seen", "unseen", "leave_one_wording_out", "false_rejection_lowo", "unknown_caught",
             "unknown_caught_demo", "false_rejection_seen", "false_rejection_unseen", "auroc", "joint_seen",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import replace
 
 from .bench import add_parser as add_bench_parser
 from .bench import cmd_bench
@@ -13,7 +12,7 @@ from .bundle import MAX_BYTES
 from .errors import SwitchcitError
 from .experts import ExpertConfig
 from .memory import MemoryConfig
-from .options import config_from, config_options, fallback_option, given, model_options
+from .options import config_from, config_options, fallback_option, model_options
 from .serve import add_parser as add_serve_parser
 from .serve import cmd_serve
 from .switch import SwitchConfig
@@ -109,17 +108,17 @@ def _prompts(args) -> list[str]:
 def cmd_learn(args) -> None:
     from .continual import ContinualModel
     from .data import Task, load_examples
-    from .store import Store
+    from .store import KINDS, Store
 
     expert = config_from(args, ExpertConfig)  # bad options fail first, before any data is read
     memory = config_from(args, MemoryConfig, seed=expert.seed)
     switch = config_from(args, SwitchConfig)
     task = Task(args.task, load_examples(args.data))
     store = Store(args.store)
-    if not store.exists() and store.root.exists() and any(p.name != ".lock" for p in store.root.iterdir()):
+    ours = {".lock", *KINDS}  # what a first learn that was interrupted can leave; the next commit sweeps it
+    if not store.exists() and store.root.exists() and any(p.name not in ours and not p.name.startswith(".")
+                                                          for p in store.root.iterdir()):
         raise SwitchcitError(f"{args.store} exists and is not a switchcit store: choose an empty or new folder")
-    if store.exists() and not given(args, SwitchConfig, "router"):  # an existing store keeps its router
-        switch = replace(switch, router=store.read().router)
     cm = ContinualModel(args.store, base_model=args.model, encoder=args.encoder, device=args.device,
                         dtype=args.dtype, progress=not args.quiet, expert_config=expert, memory_config=memory,
                         switch_config=switch)

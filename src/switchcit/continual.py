@@ -31,11 +31,8 @@ class ContinualModel:
         self.store = Store(store)
         self.manifest: Manifest | None = self.store.read() if self.store.exists() else None
         m = self.manifest
-        for asked, stored, what in ((encoder, m and m.encoder, "encoder"),
-                                    (switch_config and switch_config.router, m and m.router, "router")):
-            if asked and stored and asked != stored:
-                raise SwitchcitError(f"store {self.store.root} routes with {what} '{stored}', not '{asked}': keep "
-                                     f"its {what} or learn the tasks into a new store")
+        if m:
+            m.refuse_mismatch(self.store.root, encoder, switch_config and switch_config.router)
         self.base_reference = absolute_if_local(base_model or (m.base_model if m else DEFAULT_MODEL))
         self.encoder_reference = m.encoder if m else encoder or DEFAULT_ENCODER
         self.expert_config = expert_config or ExpertConfig()
@@ -82,10 +79,13 @@ class ContinualModel:
 
     def refresh(self) -> bool:
         """Follow the store to its current manifest (live updates); True if it changed."""
-        manifest = self.store.read() if self.store.exists() else None
-        changed, self.manifest = manifest != self.manifest, manifest
-        self.load_adapters(load_missing=False)
-        return changed
+        before, self.manifest = self.manifest, self.store.read() if self.store.exists() else None
+        try:
+            self.load_adapters(load_missing=False)
+        except Exception:
+            self.manifest = before  # so that the next refresh tries again
+            raise
+        return self.manifest != before
 
     def learn(self, task: Task, replace: bool = False, expert_config: ExpertConfig | None = None) -> TaskEntry | None:
         """Train `task`'s adapter, then rebuild the switch with it; None in data-parallel helper processes.
@@ -93,11 +93,8 @@ class ContinualModel:
         import torch
 
         config = expert_config or self.expert_config
-        missing = [i for i, e in enumerate(task.examples, 1) if not e.output]
-        if not task.examples or missing:
-            raise SwitchcitError(f"task '{task.name}' needs examples with outputs (missing at rows {missing[:5]})")
+        task.check_outputs()
         self._check_store(task.name, replace)
-        self.adapters.base  # noqa: B018 - load (and check against the store) the base model before anything else
         rank, _ = data_parallel()
         features = self.encoder.encode(task.prompts) if rank == 0 else None
         torch.manual_seed(config.seed)  # LoRA A matrices are initialised at random: same seed, same adapter
@@ -109,7 +106,7 @@ class ContinualModel:
             with self.store.lock(create=True):
                 self.manifest = self.store.read() if self.store.exists() else Manifest(
                     self.base_reference, fingerprint(self.adapters.base), self.encoder_reference, features.shape[1],
-                    self.memory_config.fraction, self.memory_config.min_per_task, self.switch_config.router)
+                    self.memory_config.fraction, self.memory_config.min_per_task, self.switch_config.kind)
                 self._check_store(task.name, replace)
                 entry = write_task(self.store, self.adapters, task, features, stats, config, self.memory_config,
                                    self.switch_config)
@@ -130,11 +127,15 @@ class ContinualModel:
         self.refresh()
 
     def _check_store(self, name: str, replace: bool) -> None:
-        """Before training and again at the commit: a new name (or `replace`), and a whole, writable store."""
-        self.store.check_ready(self.manifest)
+        """Before training and again at the commit (another process may have made or changed the store): the same
+        encoder and router, a new name or `replace`, a whole and writable store, the same base model (loaded here)."""
+        if self.manifest:
+            self.manifest.refuse_mismatch(self.store.root, self.encoder_reference, self.switch_config.kind)
         if name in self.task_names and not replace:
             raise SwitchcitError(f"task '{name}' is already in store {self.store.root}: pass replace=True "
                                  "(--replace) to retrain it, or choose another name")
+        self.store.check_ready(self.manifest)
+        self._check_base(self.adapters.base)
 
     def route(self, prompts: list[str]) -> list[Route]:
         """The task (and switch confidence) for each raw prompt: 'base' (confidence None) when nothing is learned

@@ -46,6 +46,12 @@ class Task:
     def prompts(self) -> list[str]:
         return [e.prompt for e in self.examples]
 
+    def check_outputs(self) -> None:
+        """Learning needs every example to have an answer."""
+        missing = [i for i, e in enumerate(self.examples, 1) if not e.output]
+        if not self.examples or missing:
+            raise SwitchcitError(f"task '{self.name}' needs examples with outputs (missing at rows {missing[:5]})")
+
     @property
     def wordings(self) -> list[str | None]:
         return [e.wording for e in self.examples]
@@ -125,7 +131,7 @@ def load_examples(path: str | Path, require_output: bool = True) -> list[Example
         raise SwitchcitError(f"data file not found: {path}")
     examples = []
     try:
-        lines = path.read_bytes().decode("utf-8").splitlines()
+        lines = path.read_bytes().decode("utf-8").split("\n")  # not splitlines: U+2028 may stand inside a string
     except UnicodeDecodeError as exc:
         raise SwitchcitError(f"{path}: not UTF-8 text (byte {exc.start} cannot be decoded): save it as UTF-8 "
                              "JSONL") from None

@@ -134,7 +134,8 @@ class GaussianSwitch:
         labels = list(stats)
         precision = pooled_precision([stats[t] for t in labels], shrinkage)
         region = pooled_precision([stats[t] for t in labels], unknown_shrinkage)
-        thresholds = torch.tensor([ratios[t] * mean_in_sample_distance(stats[t], region) for t in labels],
+        # a floor, so that a task of identical prompts (no spread) still holds its own prompt, not 0/0
+        thresholds = torch.tensor([max(ratios[t] * mean_in_sample_distance(stats[t], region), 1e-6) for t in labels],
                                   dtype=torch.float64)
         return cls(labels, torch.stack([stats[t].mean for t in labels]), precision, region, thresholds)
 

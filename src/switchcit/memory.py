@@ -104,7 +104,7 @@ def remember(features: torch.Tensor, memory: MemoryConfig, switch: SwitchConfig,
     instruction, where known) lets the fallback calibrate on held-out wordings."""
     centroid, radius = fit_region(features, switch.false_rejection, memory.seed)
     retained = select_memory(features, memory)
-    if switch.router != "gaussian":
+    if switch.kind != "gaussian":
         return TaskMemory(retained, centroid, radius)
     ratio = threshold_ratio(features, switch.unknown_shrinkage, switch.false_rejection, memory.seed, wordings)
     return TaskMemory(retained, centroid, radius, TaskStats.of(features), ratio)
@@ -114,7 +114,7 @@ def build_switch(memories: dict[str, TaskMemory], config: SwitchConfig,
                  full_features: dict[str, torch.Tensor] | None = None) -> Switch | GaussianSwitch:
     """The switch over these tasks. The MLP trains on the retained memory (all features where given);
     the Gaussian switch needs only the statistics, so `full_features` changes nothing for it."""
-    if config.router == "gaussian":
+    if config.kind == "gaussian":
         missing = [t for t, m in memories.items() if m.stats is None]
         if missing:
             raise SwitchcitError(f"tasks {missing} were stored without the statistics the gaussian router needs: "

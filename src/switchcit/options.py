@@ -33,10 +33,6 @@ def config_from(args: argparse.Namespace, cls: type[T], **fixed: Any) -> T:
     return cls(**{**{k: v for k, v in given.items() if v is not None}, **fixed})
 
 
-def given(args: argparse.Namespace, cls: type, name: str) -> Any:
-    """The value the user typed for one field's option, or None."""
-    return getattr(args, f"{cls.__name__}.{name}", None)
-
 
 def model_options(p: argparse.ArgumentParser, quiet: bool = True) -> None:
     """--device, --dtype, --model (and -q/--quiet for commands with progress bars)."""

@@ -8,6 +8,7 @@ hold an OS advisory lock (`flock` on `.lock`), which the kernel releases when a 
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import SwitchcitError
+from .switch import ROUTERS
 
 if TYPE_CHECKING:
     from .memory import TaskMemory
@@ -104,6 +106,13 @@ class Manifest:
     def task_names(self) -> list[str]:
         return [t.name for t in self.tasks]
 
+    def refuse_mismatch(self, root: Path, encoder: str | None, router: str | None) -> None:
+        """A store routes with one encoder and one router for good: asking for others is one line."""
+        for asked, stored, what in ((encoder, self.encoder, "encoder"), (router, self.router, "router")):
+            if asked and asked != stored:
+                raise SwitchcitError(f"store {root} routes with {what} '{stored}', not '{asked}': keep its {what} "
+                                     "or learn the tasks into a new store")
+
     def with_tasks(self, tasks: list[TaskEntry], switch: str | None) -> Manifest:
         """The next generation: these tasks and this switch."""
         return replace(self, tasks=tuple(tasks), switch=switch, generation=self.generation + 1)
@@ -120,6 +129,18 @@ class Manifest:
         names = [t.name for t in tasks]
         if len(set(names)) != len(names):
             raise ValueError(f"tasks names a task twice ({sorted({n for n in names if names.count(n) > 1})})")
+        fields_ = {"base_model.reference": (data["base_model"]["reference"], str),
+                   "base_model.fingerprint": (data["base_model"]["fingerprint"], dict),
+                   "encoder.reference": (data["encoder"]["reference"], str),
+                   "encoder.dim": (data["encoder"]["dim"], int),
+                   "memory.fraction": (data["memory"]["fraction"], (int, float)),
+                   "memory.min_per_task": (data["memory"]["min_per_task"], int),
+                   "generation": (data.get("generation", 0), int), "router": (data.get("router", "mlp"), str)}
+        for name, (value, kind) in fields_.items():
+            if isinstance(value, bool) or not isinstance(value, kind):
+                raise ValueError(f"{name} has the wrong type")
+        if data.get("router", "mlp") not in ROUTERS:
+            raise ValueError(f"router {data['router']!r} is none of {', '.join(ROUTERS)}")
         switch = data["switch"]
         if switch is not None and not (isinstance(switch, str) and _PATHS["switch"].fullmatch(switch)):
             raise ValueError(f"switch {switch!r} is not a switch path inside the store")
@@ -220,11 +241,15 @@ class Store:
             self.root.mkdir(parents=True, exist_ok=True)
         elif not self.exists():
             self.read()  # the one-line "no switchcit store" error
-        if shared and not (self.root / LOCK).exists():  # no writer ever ran here
-            yield
-            return
         mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
-        with open(self.root / LOCK, "r" if shared else "a+") as handle:
+        try:
+            handle = open(self.root / LOCK, "a+")  # noqa: SIM115 - closed below
+        except OSError as exc:
+            if not shared or exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise
+            yield  # a read-only store has no writer to wait for
+            return
+        with handle:
             try:
                 fcntl.flock(handle, mode | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -246,7 +271,7 @@ class Store:
         probe = self.root / f".write-test.{uuid.uuid4().hex[:8]}"
         try:
             probe.write_bytes(b"")
-            probe.unlink()
+            probe.unlink(missing_ok=True)  # a concurrent sweep may have taken it already
         except OSError as exc:
             raise SwitchcitError(f"store {self.root} cannot be written ({exc.strerror}): fix its permissions or "
                                  "free space, then learn again") from None

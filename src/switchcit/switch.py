@@ -26,6 +26,7 @@ def cosine_distance(features: torch.Tensor, centroids: torch.Tensor) -> torch.Te
 
 
 ROUTERS = ("gaussian", "mlp")
+DEFAULT_ROUTER = "gaussian"
 
 
 @dataclass
@@ -33,8 +34,9 @@ class SwitchConfig:
     """How requests are routed. `router`: 'gaussian' (shared-covariance LDA from exact task statistics, see
     gaussian.py) or 'mlp' (the paper's switch over a retained feature memory; hidden..weight_decay are its)."""
 
-    router: str = knob("gaussian", "--router", "switch of a new store: 'gaussian' (task statistics, forgets "
-                       "nothing) or 'mlp' (the paper's MLP over a retained memory)", choices=ROUTERS)
+    router: str | None = knob(None, "--router", "switch of a new store: 'gaussian' (task statistics, forgets "
+                              "nothing) or 'mlp' (the paper's MLP over a retained memory) (default: the store's; "
+                              f"{DEFAULT_ROUTER} for a new store)", choices=ROUTERS)
     shrinkage: float = knob(0.2, low=0, high=1)  # gaussian: weight of the identity in the classifier's covariance
     unknown_shrinkage: float = knob(0.8, low=0, high=1)  # gaussian: the same for the fallback's task regions
     false_rejection: float = knob(0.02, "--false-rejection", "share of a task's own new prompts the unknown-request "
@@ -48,6 +50,11 @@ class SwitchConfig:
 
     def __post_init__(self) -> None:
         check_ranges(self)
+
+    @property
+    def kind(self) -> str:
+        """The router in force: the one asked for, else the default (a store's own is filled in on opening)."""
+        return self.router or DEFAULT_ROUTER
 
 
 class Switch:

@@ -266,7 +266,7 @@ def run_routing(stream: Stream, encode: Callable[[list[str]], torch.Tensor], con
                          "unseen_examples": {t: len(features.unseen[t]) for t in order},
                          "other_prompts": len(features.others), "seconds": round(time.time() - started, 1),
                          "command": command},
-              "default": config.switch.router if config.switch.router in results else config.routers[0],
+              "default": config.switch.kind if config.switch.kind in results else config.routers[0],
               "routers": results}
     out.mkdir(parents=True, exist_ok=True)
     (out / "routing.json").write_text(json.dumps(report, indent=2))

@@ -125,8 +125,6 @@ def create_app(config: ServeConfig) -> "FastAPI":
         except RecursionError:
             raise invalid("the request body is nested too deeply") from None
         ask = parse_ask(body, chat, config, engine.models)
-        if engine.generates:
-            engine.check_prompt_tokens(ask.prompts)
         answers = await engine.answer(ask.prompts, ask.task, ask.max_tokens)
         if upstream is None:
             if ask.stream:

@@ -43,10 +43,13 @@ def _api_key(args: argparse.Namespace) -> str | None:
         return args.api_key
     if args.api_key_file:
         try:
-            return Path(args.api_key_file).read_text(encoding="utf-8").splitlines()[0].strip() or None
+            key = Path(args.api_key_file).read_text(encoding="utf-8").splitlines()[0].strip()
         except (OSError, UnicodeDecodeError, IndexError):
+            key = ""
+        if not key:  # an empty key would serve without authentication
             raise SwitchcitError(f"cannot read an API key from {args.api_key_file}: give a readable file whose "
-                                 "first line is the key") from None
+                                 "first line is the key")
+        return key
     return os.environ.get("SWITCHCIT_API_KEY")
 
 

@@ -84,14 +84,18 @@ class Engine:
     def models(self) -> list[str]:
         return [AUTO, BASE, *self.cm.task_names]
 
-    def check_prompt_tokens(self, prompts: list[str]) -> None:
-        """Refuse, before it joins a batch, a prompt longer than --max-prompt-tokens as the model sees it."""
+    def _fits(self, job: Job) -> bool:
+        """Whether the prompt is within --max-prompt-tokens as the model sees it; if not, its job fails alone.
+        Counted in the worker, the one thread that uses the tokenizer, before the job joins the batch."""
         from ..data import encode_prompt
 
-        longest = max(len(encode_prompt(self.cm.tokenizer, p)) for p in prompts)
-        if longest > self.config.max_prompt_tokens:
-            raise ApiError(400, f"a prompt is {longest} tokens long, more than this server's limit of "
-                                f"{self.config.max_prompt_tokens}", param="prompt", code="context_length_exceeded")
+        length = len(encode_prompt(self.cm.tokenizer, job.prompt))
+        if length <= self.config.max_prompt_tokens:
+            return True
+        job.future.set_exception(ApiError(400, f"a prompt is {length} tokens long, more than this server's limit "
+                                               f"of {self.config.max_prompt_tokens}", param="prompt",
+                                          code="context_length_exceeded"))
+        return False
 
     def start(self) -> None:
         self._thread.start()
@@ -133,6 +137,9 @@ class Engine:
 
     def _process(self, jobs: list[Job]) -> None:
         """Route and answer a batch. Should the batch fail, each job is tried alone: one bad row fails only itself."""
+        jobs = [j for j in jobs if not self.generates or self._fits(j)]
+        if not jobs:
+            return
         try:
             auto = [j for j in jobs if j.task is None]
             routes = dict(zip(map(id, auto), self.cm.route([j.prompt for j in auto])))
