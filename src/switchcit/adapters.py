@@ -8,6 +8,7 @@ so anything that must see the model without adapters (the 'base' switch encoder)
 
 from __future__ import annotations
 
+import shutil
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -124,8 +125,6 @@ class AdapterPool:
         self._peft.save_pretrained(str(staging), selected_adapters=[TRAINING])
         for item in (staging / TRAINING).iterdir():
             item.rename(folder / item.name)
-        import shutil
-
         shutil.rmtree(staging, ignore_errors=True)
 
     @contextmanager

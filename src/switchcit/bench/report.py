@@ -251,6 +251,10 @@ def _mean(values: list) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def _routing_cell(column: str, value: float | None) -> str:
+    return f"{value:.3f}" if column == "auroc" and value is not None else _cell(value)
+
+
 def render_routing(report: dict) -> str:
     """routing.json as markdown: the last stage per router, the mean over stages, and the trade-off curve."""
     config, routers = report["config"], report["routers"]
@@ -265,10 +269,9 @@ def render_routing(report: dict) -> str:
                         ("Mean over stages (unknown columns: stages with later tasks)",
                          lambda s: {c: _mean([x[c] for x in s]) for c in cells})):
         lines += [f"## {title}", ""]
+        picked = {name: pick(r["stages"]) for name, r in routers.items()}
         lines += _table(["router", *[name for _, name in ROUTING_COLUMNS]],
-                        [[f"`{name}`", *[_cell(pick(r["stages"])[c]) if c != "auroc" else
-                                         ("-" if pick(r["stages"])[c] is None else f"{pick(r['stages'])[c]:.3f}")
-                                         for c in cells]] for name, r in routers.items()])
+                        [[f"`{name}`", *[_routing_cell(c, row[c]) for c in cells]] for name, row in picked.items()])
         lines.append("")
     lines += ["## Accuracy on training wordings after each stage (incremental / joint)", ""]
     lines += _table(["router", *[f"after {t}" for t in config["tasks"]]],

@@ -204,28 +204,24 @@ def score_stage(kind: str, features: Features, order: list[str], k: int, config:
     seen_right, seen_rejected = _accuracy(fitted, seen)
     unseen_right, unseen_rejected = _accuracy(fitted, unseen)
     unknown = torch.cat([features.seen[t] for t in later]) if later else features.others[:0]
-    known_all = torch.cat([*seen.values(), *unseen.values()])
-    score = fitted.score
-    caught = None if score(known_all) is None or not len(unknown) else \
-        _share(sum(r == BASE for r in fitted.route(unknown)), len(unknown))
-    caught_others = None if score(known_all) is None else \
-        _share(sum(r == BASE for r in fitted.route(features.others)), len(features.others))
     lowo, lowo_rejected, lowo_scores = leave_one_wording_out(kind, features, learned, config, memories)
     joint = Fitted(kind, memories, {t: features.train[t] for t in learned}, config)
-    row = {
-        "seen": seen_right, "unseen": unseen_right,
-        "leave_one_wording_out": lowo, "false_rejection_lowo": lowo_rejected,
-        "unknown_caught": caught, "unknown_caught_demo": caught_others,
-        "false_rejection_seen": seen_rejected if score(known_all) is not None else None,
-        "false_rejection_unseen": unseen_rejected if score(known_all) is not None else None,
-        "auroc": auroc(score(unknown), score(known_all)) if score(known_all) is not None else None,
-        "joint_seen": _accuracy(joint, seen)[0], "joint_unseen": _accuracy(joint, unseen)[0],
-    }
-    raw = {} if score(known_all) is None else {
-        "seen": score(torch.cat(list(seen.values()))), "others": score(features.others),
-        "unseen": score(torch.cat(list(unseen.values()))) if unseen else None,
-        "unknown": score(unknown) if len(unknown) else None, "lowo": lowo_scores}
-    return row, raw
+    row = {"seen": seen_right, "unseen": unseen_right, "leave_one_wording_out": lowo,
+           "false_rejection_lowo": lowo_rejected, "unknown_caught": None, "unknown_caught_demo": None,
+           "false_rejection_seen": None, "false_rejection_unseen": None, "auroc": None,
+           "joint_seen": _accuracy(joint, seen)[0], "joint_unseen": _accuracy(joint, unseen)[0]}
+    if fitted.router is not None:  # a training-free router has no fallback: nothing is ever sent to base
+        return row, {}
+    scores = {"seen": fitted.score(torch.cat(list(seen.values()))), "others": fitted.score(features.others),
+              "unseen": fitted.score(torch.cat(list(unseen.values()))) if unseen else None,
+              "unknown": fitted.score(unknown) if len(unknown) else None, "lowo": lowo_scores}
+    known = torch.cat([s for s in (scores["seen"], scores["unseen"]) if s is not None])
+    row.update(false_rejection_seen=seen_rejected, false_rejection_unseen=unseen_rejected,
+               unknown_caught_demo=_share(sum(r == BASE for r in fitted.route(features.others)), len(features.others)))
+    if len(unknown):
+        row.update(unknown_caught=_share(sum(r == BASE for r in fitted.route(unknown)), len(unknown)),
+                   auroc=auroc(scores["unknown"], known))
+    return row, scores
 
 
 def tradeoff(raws: list[dict]) -> list[dict]:
@@ -252,9 +248,9 @@ def run_routing(stream: Stream, encode: Callable[[list[str]], torch.Tensor], con
     results = {}
     for kind in tqdm(config.routers, desc="routing", unit="router", disable=not progress):
         rows, raws = [], []
+        memories = memories_for(kind, features, order, config)  # each task's memory depends on that task alone
         for k in range(1, len(order) + 1):
-            memories = memories_for(kind, features, order[:k], config)
-            row, raw = score_stage(kind, features, order, k, config, memories)
+            row, raw = score_stage(kind, features, order, k, config, {t: memories[t] for t in order[:k]})
             rows.append(row)
             if raw and k < len(order):
                 raws.append(raw)
