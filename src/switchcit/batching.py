@@ -1,0 +1,345 @@
+"""Continuous (iteration-level) batching: a running batch of sequences, each with its own adapter.
+
+Every `step` drops cancelled sequences, admits waiting ones within the row and KV-cache budgets and
+prefills them (a chunk of at most `prefill_tokens` per step, so a long prompt stalls the running rows
+only a little), decodes one token for every running row and retires the rows that are done. A request
+joins at the next step and leaves the moment it ends, instead of waiting for a whole static batch.
+
+Rows share one left-padded KV cache with explicit positions: adding rows concatenates along the batch
+(padding the shorter side on the left), removing them indexes it. Each forward wraps our tensors in a
+transformers DynamicCache. Padding is masked out, so a greedy answer is the request's answer alone (up
+to float rounding in the padded matmuls). `AdapterPool.rows` is set per forward with the batch as it
+is, so the mixed-adapter rows follow the batch as it changes.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .detokenize import IncrementalText
+from .errors import SwitchcitError
+from .generation import left_pad
+
+if TYPE_CHECKING:
+    import torch
+
+    from .adapters import AdapterPool
+
+log = logging.getLogger("switchcit.batching")
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One answer in the making: its prompt's token ids, its adapter ('base': none), its own token limit,
+    stop strings (in `text`) and end token, and callbacks for its newly final text and for its end."""
+
+    prompt_ids: list[int]
+    task: str
+    max_tokens: int
+    text: IncrementalText
+    eos: int | None
+    on_text: Callable[[Sequence, str], None] | None = None
+    on_done: Callable[[Sequence], None] | None = None  # once: finished, failed (`error`) or cancelled
+    is_cancelled: Callable[[], bool] = lambda: False  # asked from the stepping thread before each step
+    generated: list[int] = field(default_factory=list)  # with the end token, when it came
+    stopped: bool = False  # ended by the end token or a stop string (False: by the token limit)
+    error: Exception | None = None
+    arrived: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    finished_at: float | None = None
+
+    @property
+    def reserved(self) -> int:
+        """Cache columns this row may come to need."""
+        return len(self.prompt_ids) + self.max_tokens
+
+    @property
+    def output(self) -> str:
+        return self.text.sent
+
+
+@dataclass(eq=False)
+class _Rows:
+    """Sequences sharing a left-padded cache: `mask` [rows, width] (1 on real tokens), `kv` per layer."""
+
+    seqs: list[Sequence]
+    mask: torch.Tensor
+    kv: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # [rows, heads, past, dim]
+
+    @property
+    def past(self) -> int:
+        return self.kv[0][0].shape[2] if self.kv else 0
+
+    def select(self, keep: list[int]) -> None:
+        import torch
+
+        index = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
+        self.seqs = [self.seqs[i] for i in keep]
+        self.mask = self.mask[index]
+        self.kv = [(k[index], v[index]) for k, v in self.kv]
+
+    def trim(self) -> None:
+        """Drop leading columns that are padding in every row (the longest row left)."""
+        first = int(self.mask.any(0).int().argmax()) if self.seqs else 0
+        if first:
+            self.mask = self.mask[:, first:]
+            self.kv = [(k[:, :, first:], v[:, :, first:]) for k, v in self.kv]
+
+
+@dataclass(eq=False)
+class _Prefill(_Rows):
+    """Admitted sequences whose prompts are being read, `done` columns so far."""
+
+    ids: torch.Tensor = None
+    positions: torch.Tensor = None
+    done: int = 0
+
+    def select(self, keep: list[int]) -> None:
+        super().select(keep)
+        self.ids, self.positions = self.ids[keep], self.positions[keep]
+
+
+class Batcher:
+    """The running batch over an adapter pool. Not thread-safe: one thread submits and steps."""
+
+    def __init__(self, pool: AdapterPool, max_batch_size: int = 32, max_kv_tokens: int = 32768,
+                 prefill_tokens: int = 512):
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        if any(type(layer) is not DynamicLayer for layer in DynamicCache(config=pool.model.config).layers):
+            raise SwitchcitError("continuous batching needs a model with full attention in every layer (no sliding "
+                                 "window): use the static engine")
+        self.pool, self.max_batch_size = pool, max_batch_size
+        self.max_kv_tokens, self.prefill_tokens = max_kv_tokens, prefill_tokens
+        self.device = next(pool.model.parameters()).device
+        forward = inspect.signature(pool.base.forward).parameters  # transformers renamed it in 5.x
+        self._cache_kwarg = "cache" if "cache" in forward else "past_key_values"
+        self.waiting: deque[Sequence] = deque()
+        self._running: _Rows | None = None
+        self._prefill: _Prefill | None = None
+
+    @property
+    def running(self) -> list[Sequence]:
+        return self._running.seqs if self._running else []
+
+    @property
+    def prefilling(self) -> list[Sequence]:
+        return self._prefill.seqs if self._prefill else []
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.running or self.prefilling)
+
+    @property
+    def kv_tokens(self) -> int:
+        """Cache cells in use now (rows x columns, padding included)."""
+        return sum(r.mask.shape[0] * r.past for r in (self._running, self._prefill) if r is not None)
+
+    def submit(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def step(self) -> None:
+        import torch
+
+        with torch.inference_mode():
+            self._drop_cancelled()
+            if self._prefill is None:
+                self._admit()
+            if self._prefill is not None:
+                self._read_prompts()
+            if self.running:
+                self._decode()
+
+    def drain(self) -> None:
+        """Step until every submitted sequence is done (library use without a server)."""
+        while self.busy:
+            self.step()
+
+    def _drop_cancelled(self) -> None:
+        for seq in [s for s in self.waiting if s.is_cancelled()]:
+            self.waiting.remove(seq)
+            self._end(seq)
+        for rows in (self._running, self._prefill):
+            if rows is not None and any(s.is_cancelled() for s in rows.seqs):
+                gone = [s for s in rows.seqs if s.is_cancelled()]
+                self._select(rows, [i for i, s in enumerate(rows.seqs) if not s.is_cancelled()])
+                for seq in gone:
+                    self._end(seq)
+
+    def _admit(self) -> None:
+        """Take waiting sequences, first come first served, while rows, cache and prefill budgets allow.
+        The cache budget bounds the padded cache: rows x the longest prompt + max_tokens among them."""
+
+        group: list[Sequence] = []
+        while self.waiting and len(self.running) + len(group) < self.max_batch_size:
+            rows = [*group, self.waiting[0]]
+            if group and len(rows) * max(len(s.prompt_ids) for s in rows) > self.prefill_tokens:
+                break
+            cells = (len(self.running) + len(rows)) * max(s.reserved for s in [*self.running, *rows])
+            if cells > self.max_kv_tokens and (self.running or group):
+                break
+            group.append(self.waiting.popleft())
+        if group:
+            ids, mask = left_pad([s.prompt_ids for s in group], self.pool.tokenizer.pad_token_id)
+            positions = (mask.cumsum(1) - 1).masked_fill(mask == 0, 1)
+            self._prefill = _Prefill(group, mask.to(self.device), ids=ids.to(self.device),
+                                     positions=positions.to(self.device))
+
+    def _read_prompts(self) -> None:
+        """One prefill chunk; when the prompts are read, their first tokens, and the rows join the batch."""
+        p = self._prefill
+        end = min(p.ids.shape[1], p.done + max(1, self.prefill_tokens // len(p.seqs)))
+        logits = self._forward(p, p.ids[:, p.done:end], p.positions[:, p.done:end])
+        p.done = end
+        if not p.seqs or end < p.ids.shape[1]:
+            self._prefill = p if p.seqs else None
+            return
+        self._prefill = None
+        self._advance(p, logits)
+        if not p.seqs:
+            return
+        rows = _Rows(p.seqs, p.mask, p.kv)
+        if self._running is None:
+            self._running = rows
+        else:
+            self._running = _joined(self._running, rows)
+        self._running.trim()
+
+    def _decode(self) -> None:
+        import torch
+
+        r = self._running
+        ids = torch.tensor([[s.generated[-1]] for s in r.seqs], device=self.device)
+        positions = torch.tensor([[len(s.prompt_ids) + len(s.generated) - 1] for s in r.seqs], device=self.device)
+        r.mask = torch.cat([r.mask, r.mask.new_ones(len(r.seqs), 1)], 1)
+        logits = self._forward(r, ids, positions)
+        if r.seqs:
+            self._advance(r, logits)
+
+    def _forward(self, rows: _Rows, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
+        """Last-column logits per row, the cache extended. Should the batch fail, each row is tried alone, and
+        a row that fails alone ends with its error and leaves: one bad row fails only itself."""
+        import torch
+
+        mask = rows.mask[:, :rows.past + ids.shape[1]]
+        try:
+            logits, rows.kv = self._call(rows.seqs, ids, mask, positions, rows.kv)
+            return logits
+        except Exception as exc:
+            if len(rows.seqs) == 1:
+                self._fail(rows, 0, exc)
+                return None
+        ok, parts = [], []
+        for i, seq in enumerate(list(rows.seqs)):
+            one = slice(i, i + 1)
+            try:
+                parts.append(self._call([seq], ids[one], mask[one], positions[one],
+                                        [(k[one], v[one]) for k, v in rows.kv]))
+                ok.append(i)
+            except Exception as exc:
+                seq.error = exc
+        failed = [s for i, s in enumerate(rows.seqs) if i not in ok]
+        rows.kv = []
+        rows.select(ok)
+        rows.kv = [(torch.cat(ks), torch.cat(vs)) for ks, vs in
+                   (zip(*layer) for layer in zip(*(kv for _, kv in parts)))] if parts else []
+        self._settle(rows)
+        for seq in failed:
+            log.error("generation failed for one sequence", exc_info=seq.error)
+            self._end(seq)
+        return torch.cat([logits for logits, _ in parts]) if parts else None
+
+    def _call(self, seqs: list[Sequence], ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+              kv: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, list]:
+        cache = _cache(kv)
+        with self.pool.rows([s.task for s in seqs]) as kwargs:
+            out = self.pool.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                                  logits_to_keep=1, **{self._cache_kwarg: cache}, **kwargs)
+        return out.logits[:, -1], [(layer.keys, layer.values) for layer in cache.layers]
+
+    def _advance(self, rows: _Rows, logits: torch.Tensor) -> None:
+        """Append each row's greedy token, send its new text, and retire the rows that are done."""
+        now, keep = time.monotonic(), []
+        for i, (seq, token) in enumerate(zip(rows.seqs, logits.argmax(-1).tolist())):
+            seq.generated.append(token)
+            seq.first_token_at = seq.first_token_at or now
+            if token == seq.eos:
+                seq.stopped = True
+            else:
+                self._send(seq, seq.text.add(token))
+                seq.stopped = seq.text.stopped
+            if seq.stopped or len(seq.generated) >= seq.max_tokens:
+                self._end(seq)
+            else:
+                keep.append(i)
+        if len(keep) < len(rows.seqs):
+            self._select(rows, keep)
+
+    def _select(self, rows: _Rows, keep: list[int]) -> None:
+        rows.select(keep)
+        self._settle(rows)
+
+    def _settle(self, rows: _Rows) -> None:
+        """After rows left: a narrower running cache, and no empty row set."""
+        if rows is self._running:
+            rows.trim()
+            if not rows.seqs:
+                self._running = None
+        elif not rows.seqs:
+            self._prefill = None
+
+    def _fail(self, rows: _Rows, index: int, exc: Exception) -> None:
+        seq = rows.seqs[index]
+        log.error("generation failed for one sequence", exc_info=exc)
+        seq.error = exc
+        self._select(rows, [i for i in range(len(rows.seqs)) if i != index])
+        self._end(seq)
+
+    def _send(self, seq: Sequence, text: str) -> None:
+        if text and seq.on_text:
+            seq.on_text(seq, text)
+
+    def _end(self, seq: Sequence) -> None:
+        if seq.error is None and not seq.is_cancelled():
+            self._send(seq, seq.text.finish())
+        seq.finished_at = time.monotonic()
+        if seq.on_done:
+            seq.on_done(seq)
+
+
+def _joined(a: _Rows, b: _Rows) -> _Rows:
+    """Two row sets in one cache, the narrower padded on the left."""
+    import torch
+    import torch.nn.functional as F
+
+    width = max(a.past, b.past)
+
+    def pad(rows: _Rows) -> tuple[torch.Tensor, list]:
+        left = width - rows.past
+        return F.pad(rows.mask, (left, 0)), [(F.pad(k, (0, 0, left, 0)), F.pad(v, (0, 0, left, 0)))
+                                             for k, v in rows.kv]
+
+    (mask_a, kv_a), (mask_b, kv_b) = pad(a), pad(b)
+    return _Rows(a.seqs + b.seqs, torch.cat([mask_a, mask_b]),
+                 [(torch.cat([ka, kb]), torch.cat([va, vb])) for (ka, va), (kb, vb) in zip(kv_a, kv_b)])
+
+
+def _cache(kv: list[tuple[torch.Tensor, torch.Tensor]]):
+    """A DynamicCache around our tensors, without copying them."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    cache = DynamicCache()
+    for keys, values in kv:
+        layer = DynamicLayer()
+        layer.lazy_initialization(keys, values)
+        layer.keys, layer.values = keys, values
+        cache.layers.append(layer)
+    return cache
