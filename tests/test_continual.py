@@ -75,7 +75,8 @@ def test_learned_adapter_lowers_loss_on_its_task(trained_store, stream):
     cm = ContinualModel(trained_store, progress=False)
     cm.load_adapters()
     train, _ = stream[0]
-    batch = collate([tokenize_example(cm.tokenizer, e, 512) for e in train.examples[:16]], cm.tokenizer.pad_token_id)
+    rows = [tokenize_example(cm.tokenizer, e, 512) for e in train.examples[:16]]
+    batch = collate(rows, cm.tokenizer.pad_token_id)
     with torch.no_grad():
         own = cm.model(**batch, adapter_names=[train.name] * 16).loss
         base = cm.model(**batch, adapter_names=["__base__"] * 16).loss

@@ -1,4 +1,5 @@
-"""Data-parallel training: `accelerate launch --num_processes 2 -m switchcit learn` on CPU (gloo)."""
+"""Data parallelism and gradient accumulation through the Trainer: every way of making a batch of 8 trains
+the same adapter. Two processes run under `torchrun` on CPU (gloo): `accelerate launch --cpu` starts one."""
 
 import os
 import subprocess
@@ -17,20 +18,33 @@ def _adapter(store: Path) -> dict:
     return load_file(str(store / manifest.tasks[0].adapter / "adapter_model.safetensors"))
 
 
-def test_two_processes_match_one(tmp_path, stream, tiny_model):
+def _assert_same(one: dict, other: dict) -> None:
+    assert one.keys() == other.keys()
+    for key in one:
+        assert (one[key] - other[key]).abs().max() < 1e-4, key
+    assert any(one[k].abs().sum() > 0 for k in one if "lora_B" in k)
+
+
+def _learn_args(tmp_path, stream, tiny_model) -> list[str]:
     data = write_jsonl(tmp_path / "words.jsonl", task_rows(stream[0][0])[:40])
-    args = ["learn", "--task", "words", "--data", str(data), "--model", str(tiny_model), "--max-steps", "6",
-            "--batch-size", "8", "--lr", "1e-2", "-q"]
-    run_cli(*args, "--store", tmp_path / "one", check=True)
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu", "-m", "switchcit", *args,
-              "--store", str(tmp_path / "two")]
+    return ["learn", "--task", "words", "--data", str(data), "--model", str(tiny_model), "--max-steps", "6",
+            "--lr", "1e-2", "-q"]
+
+
+def test_two_processes_match_one(tmp_path, stream, tiny_model):
+    args = _learn_args(tmp_path, stream, tiny_model)
+    run_cli(*args, "--batch-size", "8", "--store", tmp_path / "one", check=True)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "switchcit", *args,
+              "--batch-size", "4", "--store", str(tmp_path / "two")]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(launch, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.count("learned task 'words'") == 1
-    one, two = _adapter(tmp_path / "one"), _adapter(tmp_path / "two")
-    assert one.keys() == two.keys()
-    for key in one:
-        assert (one[key] - two[key]).abs().max() < 1e-4, key
-    assert any(one[k].abs().sum() > 0 for k in one if "lora_B" in k)
+    assert proc.stdout.count("learned task 'words'") == 1  # only the first process writes the store
+    _assert_same(_adapter(tmp_path / "one"), _adapter(tmp_path / "two"))
+
+
+def test_gradient_accumulation_matches_one_batch(tmp_path, stream, tiny_model):
+    args = _learn_args(tmp_path, stream, tiny_model)
+    run_cli(*args, "--batch-size", "8", "--store", tmp_path / "one", check=True)
+    run_cli(*args, "--batch-size", "4", "--grad-accum", "2", "--store", tmp_path / "accumulated", check=True)
+    _assert_same(_adapter(tmp_path / "one"), _adapter(tmp_path / "accumulated"))

@@ -15,6 +15,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .errors import SwitchcitError
 from .mixed import MixedLoRA
 from .models import load_base_model
 
@@ -109,10 +110,14 @@ class AdapterPool:
         """A fresh adapter named TRAINING on the base model for the block; it is removed afterwards."""
         from peft import get_peft_model
 
-        if self._peft is None:
-            self._peft = get_peft_model(self.base, lora, adapter_name=TRAINING)
-        else:
-            self._peft.add_adapter(TRAINING, lora)
+        try:
+            if self._peft is None:
+                self._peft = get_peft_model(self.base, lora, adapter_name=TRAINING)
+            else:
+                self._peft.add_adapter(TRAINING, lora)
+        except ValueError as exc:  # PEFT's word for target modules the model does not have
+            raise SwitchcitError(f"LoRA cannot wrap this model: {str(exc).splitlines()[0]}; fix --target-modules "
+                                 "(e.g. q_proj,v_proj, or all-linear)") from None
         try:
             yield self._peft
         finally:

@@ -36,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", required=True, help="task name: [a-z0-9][a-z0-9_-]{0,63}")
     p.add_argument("--data", required=True, help="JSONL training data (Alpaca or chat rows)")
     p.add_argument("--replace", action="store_true", help="retrain a task already in the store (default: off)")
+    p.add_argument("--eval-data", default=None, metavar="FILE", help="JSONL rows for the eval loss (instead of "
+                   "--eval-fraction)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted learn of this task, data and "
+                   "configuration from its last checkpoint (default: off)")
     config_options(p, ExpertConfig)
     p.add_argument("--encoder", default=None, help="switch encoder for a new store: sentence-transformers id or "
                    "folder, 'base' (the base model's last-token state), or a causal LM id (default: MiniLM)")
@@ -114,18 +118,22 @@ def cmd_learn(args) -> None:
     memory = config_from(args, MemoryConfig, seed=expert.seed)
     switch = config_from(args, SwitchConfig)
     task = Task(args.task, load_examples(args.data))
+    if args.eval_data and expert.eval_fraction:
+        raise SwitchcitError("give --eval-data or --eval-fraction, not both")
+    eval_examples = Task(args.task, load_examples(args.eval_data)).examples if args.eval_data else None
     store = Store(args.store)
-    ours = {".lock", *KINDS}  # what a first learn that was interrupted can leave; the next commit sweeps it
+    ours = {"logs", *KINDS}  # what a first learn that was interrupted can leave; the next commit sweeps it
     if not store.exists() and store.root.exists() and any(p.name not in ours and not p.name.startswith(".")
                                                           for p in store.root.iterdir()):
         raise SwitchcitError(f"{args.store} exists and is not a switchcit store: choose an empty or new folder")
     cm = ContinualModel(args.store, base_model=args.model, encoder=args.encoder, device=args.device,
                         dtype=args.dtype, progress=not args.quiet, expert_config=expert, memory_config=memory,
                         switch_config=switch)
-    entry = cm.learn(task, replace=args.replace)
+    entry = cm.learn(task, replace=args.replace, eval_examples=eval_examples, resume=args.resume)
     if entry is not None:  # None in data-parallel helper processes
+        evaluated = "" if entry.eval_loss is None else f", eval loss {entry.eval_loss}"
         print(f"learned task '{entry.name}' ({entry.examples} examples, {entry.steps} steps, "
-              f"loss {entry.final_loss}); store {args.store} now has {len(cm.tasks)} task(s)")
+              f"loss {entry.final_loss}{evaluated}); store {args.store} now has {len(cm.tasks)} task(s)")
 
 
 def cmd_route(args) -> None:

@@ -7,7 +7,7 @@ from dataclasses import replace as with_fields
 from pathlib import Path
 
 from .adapters import BASE, TRAINING, AdapterPool
-from .data import Task
+from .data import Example, Task
 from .encoders import DEFAULT_ENCODER, Encoder, load_encoder
 from .errors import SwitchcitError
 from .experts import ExpertConfig, data_parallel, train_expert
@@ -87,10 +87,14 @@ class ContinualModel:
             raise
         return self.manifest != before
 
-    def learn(self, task: Task, replace: bool = False, expert_config: ExpertConfig | None = None) -> TaskEntry | None:
+    def learn(self, task: Task, replace: bool = False, expert_config: ExpertConfig | None = None,
+              eval_examples: list[Example] | None = None, resume: bool = False) -> TaskEntry | None:
         """Train `task`'s adapter, then rebuild the switch with it; None in data-parallel helper processes.
-        Nothing in the store changes until the final atomic commit; an interrupted call leaves it as it was."""
+        Nothing the store's readers see changes until the final atomic commit; an interrupted call leaves
+        only its trainer checkpoints, which `resume` continues from."""
         import torch
+
+        from .training import drop_checkpoints, store_run
 
         config = expert_config or self.expert_config
         task.check_outputs()
@@ -99,8 +103,9 @@ class ContinualModel:
         features = self.encoder.encode(task.prompts) if rank == 0 else None
         torch.manual_seed(config.seed)  # LoRA A matrices are initialised at random: same seed, same adapter
         with self.adapters.training(config.lora()) as peft:
-            stats = train_expert(peft, TRAINING, task.examples, self.tokenizer, config, progress=self.progress,
-                                 desc=f"learn {task.name}")
+            stats = train_expert(peft, TRAINING, task.examples, self.tokenizer, config, self.progress,
+                                 f"learn {task.name}", eval_examples=eval_examples, resume=resume,
+                                 **store_run(self.store, task, config, self.base_reference))
             if rank > 0:  # data-parallel helpers train; only the first process writes the store
                 return None
             with self.store.lock(create=True):
@@ -113,6 +118,7 @@ class ContinualModel:
                 tasks = [*[t for t in self.tasks if t.name != task.name], entry]
                 self.manifest, self._switch = commit(self.store, self.manifest, tasks, self.switch_config,
                                                      {task.name: features})
+                drop_checkpoints(self.store, task.name)
         self.refresh()
         return entry
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import random
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
@@ -19,66 +18,91 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 
+REPORTERS = ("none", "jsonl", "tensorboard", "wandb")
+
+
 @dataclass
 class ExpertConfig:
-    """LoRA shape and training budget. Defaults suit a 2-core CPU and a model of ~100M parameters."""
+    """LoRA shape and training budget: the one place every training knob and its default is stated.
+    Defaults suit a 2-core CPU and a model of ~100M parameters."""
 
     r: int = knob(8, "--rank", "LoRA rank", low=1)
     alpha: int | None = knob(None, "--lora-alpha", "LoRA alpha (default: 2 x rank)", low=0, open_low=True)
     dropout: float = knob(0.0, "--lora-dropout", "LoRA dropout", low=0, high=0.99)
-    target_modules: str | list[str] = "all-linear"
+    target_modules: str = knob("all-linear", "--target-modules", "modules that get LoRA: comma-separated names "
+                               "(e.g. q_proj,v_proj) or all-linear")
     learning_rate: float = knob(1e-3, "--lr", "learning rate", low=0, open_low=True)
-    batch_size: int = knob(8, "--batch-size", "examples per training step", low=1)
+    batch_size: int = knob(8, "--batch-size", "examples per forward pass and process", low=1)
+    grad_accum: int = knob(1, "--grad-accum", "forward passes per optimizer step (the step's batch: batch_size x "
+                           "grad_accum x processes)", low=1)
     epochs: float = knob(1.0, "--epochs", "passes over the data (--max-steps bounds them)", low=0, open_low=True)
-    max_steps: int | None = knob(None, "--max-steps", "bound on the training steps (default: none)", low=1)
+    max_steps: int | None = knob(None, "--max-steps", "bound on the optimizer steps (default: none)", low=1)
     max_length: int = knob(512, "--max-length", "training tokens per example (longer rows keep their end)", low=8)
     warmup_ratio: float = knob(0.05, low=0, high=1)
+    gradient_checkpointing: bool = knob(False, "--gradient-checkpointing", "recompute activations in the backward "
+                                        "pass: less memory, about a third more time")
+    eval_fraction: float = knob(0.0, "--eval-fraction", "share of the data held out for the eval loss (or give "
+                                "--eval-data)", low=0, high=0.5)
+    eval_steps: int | None = knob(None, "--eval-steps", "steps between eval losses (default: once, at the end)",
+                                  low=1)
+    save_steps: int = knob(50, "--save-steps", "steps between checkpoints that --resume continues from", low=1)
+    logging_steps: int = knob(10, "--logging-steps", "steps between logged losses", low=1)
+    report_to: str = knob("none", "--report-to", "where training logs go", choices=REPORTERS)
+    log_dir: str | None = knob(None, "--log-dir", "folder for jsonl and tensorboard logs (default: "
+                               "STORE/logs/TASK)")
     seed: int = knob(0, "--seed", "seed of the LoRA initialisation, the data order and the memory sample")
 
     def __post_init__(self) -> None:
         check_ranges(self)
+        if not self.target_modules.strip(" ,"):
+            raise SwitchcitError("target_modules (--target-modules) is empty: name modules (e.g. q_proj,v_proj) or "
+                                 "give all-linear")
 
     @property
     def lora_alpha(self) -> int:
         return self.alpha if self.alpha is not None else 2 * self.r
 
-    def steps_for(self, n_examples: int) -> int:
-        per_epoch = math.ceil(n_examples / self.batch_size)
+    def steps_for(self, n_examples: int, processes: int = 1) -> int:
+        per_epoch = math.ceil(n_examples / (self.batch_size * self.grad_accum * processes))
         steps = max(1, math.ceil(per_epoch * self.epochs))
         return min(steps, self.max_steps) if self.max_steps else steps
 
     def lora(self) -> LoraConfig:
         from peft import LoraConfig
 
-        return LoraConfig(r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.dropout,
-                          target_modules=self.target_modules, task_type="CAUSAL_LM")
+        names = [m.strip() for m in self.target_modules.split(",") if m.strip()]
+        modules = "all-linear" if names == ["all-linear"] else names
+        return LoraConfig(r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.dropout, target_modules=modules,
+                          task_type="CAUSAL_LM")
 
     def to_dict(self) -> dict:
         return {**asdict(self), "alpha": self.lora_alpha}
 
 
-def tokenize_example(tokenizer: PreTrainedTokenizerBase, example: Example, max_length: int) -> tuple[list, list]:
-    """(input_ids, labels) with the prompt masked out of the loss; long rows keep their answer end."""
+def tokenize_example(tokenizer: PreTrainedTokenizerBase, example: Example, max_length: int) -> dict[str, list]:
+    """{input_ids, labels} with the prompt masked out of the loss; long rows keep their answer end. The first
+    token is never a target (nothing precedes it), so the Trainer's count of targets equals the loss's."""
     prompt = encode_prompt(tokenizer, example.prompt)
     answer = encode_answer(tokenizer, example.output or "")
     ids = (prompt + answer)[-max_length:]
     labels = ([-100] * len(prompt) + answer)[-max_length:]
-    return ids, labels
+    return {"input_ids": ids, "labels": [-100, *labels[1:]]}
 
 
-def collate(rows: list[tuple[list, list]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Left-padded batch: every answer ends at the last position, so logits are needed only for a short tail."""
-    ids, mask = left_pad([r for r, _ in rows], pad_id)
-    labels, _ = left_pad([labels for _, labels in rows], pad_id, fill=-100)
+def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-padded batch of {input_ids, labels} rows: every answer ends at the last position, so logits are
+    needed only for a short tail."""
+    ids, mask = left_pad([r["input_ids"] for r in rows], pad_id)
+    labels, _ = left_pad([r["labels"] for r in rows], pad_id, fill=-100)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     return {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "labels": labels}
 
 
-def answer_loss(model, batch: dict[str, torch.Tensor], normalizer: int | None = None) -> torch.Tensor:
+def answer_loss(model, batch: dict[str, torch.Tensor], normalizer: torch.Tensor | int | None = None) -> torch.Tensor:
     """Cross-entropy summed over answer tokens / `normalizer` (default: their count, i.e. the mean).
 
-    The LM head runs only over the answer tail (~20% less work on a small model). Data-parallel ranks pass
-    the whole batch's token count, so their summed gradients equal one process's.
+    The LM head runs only over the answer tail (~20% less work on a small model). The Trainer passes the
+    answer tokens of the whole accumulated batch, so accumulated micro-batches add up to one big batch.
     """
     import torch.nn.functional as F
 
@@ -92,104 +116,22 @@ def answer_loss(model, batch: dict[str, torch.Tensor], normalizer: int | None = 
 
 
 def data_parallel() -> tuple[int, int]:
-    """(rank, world size). Under `accelerate launch` or torchrun this joins the process group (gloo on CPU)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, 1
-    from accelerate import PartialState
-
-    state = PartialState()
-    return state.process_index, state.num_processes
+    """(rank, world size) as `torchrun` and `accelerate launch` set them; the Trainer joins the process group.
+    Read from the environment: making accelerate's state here would fix it before the Trainer picks its device."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def batches(n_rows: int, batch_size: int, steps: int, seed: int):
-    """Index lists for `steps` batches: seeded reshuffle each epoch, as many epochs as needed."""
-    rng = random.Random(seed)
-    order: list[int] = []
-    for _ in range(steps):
-        if len(order) < batch_size:
-            epoch = list(range(n_rows))
-            rng.shuffle(epoch)
-            order.extend(epoch)
-        yield order[:batch_size]
-        del order[:batch_size]
+def train_expert(model: PeftModel, adapter_name: str, examples: list[Example], tokenizer: PreTrainedTokenizerBase,
+                 config: ExpertConfig, progress: bool = True, desc: str | None = None, **run) -> dict:
+    """Train `adapter_name` (already added to `model`) on `examples`; every other weight stays frozen.
+    `run`: eval data, checkpoints and logs (training.train)."""
+    from .training import train
 
-
-def train_expert(
-    model: PeftModel,
-    adapter_name: str,
-    examples: list[Example],
-    tokenizer: PreTrainedTokenizerBase,
-    config: ExpertConfig,
-    progress: bool = True,
-    desc: str | None = None,
-) -> dict:
-    """Train `adapter_name` (already added to `model`) on `examples`; every other weight stays frozen."""
     model.set_adapter(adapter_name)
-    params = []
     for name, param in model.named_parameters():
-        param.requires_grad = False
-        if f".{adapter_name}." in name and "lora_" in name:
-            params.append(param)
-    return train_params(model, params, examples, tokenizer, config, progress, desc or f"learn {adapter_name}")
-
-
-def train_params(model, params: list, examples: list[Example], tokenizer: PreTrainedTokenizerBase,
-                 config: ExpertConfig, progress: bool, desc: str) -> dict:
-    """The training loop shared by experts and full fine-tuning: only `params` learn, loss on answers only.
-
-    With several processes each takes its share of every batch and gradients are summed, so the result
-    matches a single process's with the same batch size.
-    """
-    import torch
-    import torch.distributed as dist
-    from tqdm.auto import tqdm
-
-    torch.manual_seed(config.seed)
-    rank, world = data_parallel()
-    if config.batch_size < world:
-        raise SwitchcitError(f"batch_size {config.batch_size} is smaller than {world} processes: raise batch_size "
-                             "(--batch-size)")
-    rows = [tokenize_example(tokenizer, e, config.max_length) for e in examples]
-    answer_tokens = [sum(label != -100 for label in labels) for _, labels in rows]
-    steps = config.steps_for(len(rows))
-    for param in params:
-        param.requires_grad = True
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
-    warmup = max(1, int(steps * config.warmup_ratio))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup)))
-    )
-    device = next(model.parameters()).device
-    model.train()
-    losses = []
-    bar = tqdm(total=steps, desc=desc, disable=not progress or rank > 0, unit="step")
+        param.requires_grad = f".{adapter_name}." in name and "lora_" in name
     try:
-        for indices in batches(len(rows), config.batch_size, steps, config.seed):
-            mine = indices[rank::world]
-            batch = {k: v.to(device) for k, v in collate([rows[i] for i in mine], tokenizer.pad_token_id).items()}
-            loss = answer_loss(model, batch, normalizer=sum(answer_tokens[i] for i in indices))
-            if not torch.isfinite(loss):
-                raise SwitchcitError(f"the training loss became {loss.item()} at step {len(losses) + 1}: lower "
-                                     "learning_rate (--lr) or check the data; nothing was written")
-            loss.backward()
-            if world > 1:  # one collective for all gradients, not one per tensor
-                grads = [param.grad for param in params]
-                flat = torch.cat([g.reshape(-1) for g in grads])
-                dist.all_reduce(flat)
-                for g, part in zip(grads, flat.split([g.numel() for g in grads])):
-                    g.copy_(part.view_as(g))
-                loss = loss.detach()
-                dist.all_reduce(loss)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            bar.update(1)
-            bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
+        return train(model, examples, tokenizer, config, progress=progress, desc=desc or f"learn {adapter_name}",
+                     **run)
     finally:
-        bar.close()
-        model.eval()
-        for param in params:
-            param.requires_grad = False
-    return {"steps": steps, "final_loss": sum(losses[-10:]) / len(losses[-10:])}
+        model.requires_grad_(False)

@@ -16,9 +16,14 @@ def config_options(p: argparse.ArgumentParser, cls: type) -> None:
         meta = f.metadata
         if not meta.get("flag"):
             continue
+        if isinstance(f.default, bool):  # a switch: on when given
+            p.add_argument(meta["flag"], dest=f"{cls.__name__}.{f.name}", action="store_true", default=None,
+                           help=meta["help"] + f" (default: {'on' if f.default else 'off'})")
+            continue
         kind = type(f.default) if f.default is not None else _annotated_type(str(f.type))
         shown = "" if f.default is None else f" (default: {f.default})"  # a None default is explained in the help
-        p.add_argument(meta["flag"], dest=f"{cls.__name__}.{f.name}", type=kind, default=None, metavar=f.name.upper(),
+        metavar = None if meta.get("choices") else f.name.upper()  # choices show as {a,b,c}
+        p.add_argument(meta["flag"], dest=f"{cls.__name__}.{f.name}", type=kind, default=None, metavar=metavar,
                        choices=meta.get("choices"), help=meta["help"] + shown)
 
 

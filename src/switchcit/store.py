@@ -18,7 +18,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -40,7 +40,8 @@ _PATHS = {"adapter": re.compile(rf"adapters/(?P<name>[^/]+)/{_FRESH}"),
           "switch": re.compile(rf"switch/v[0-9]+/{_FRESH}")}
 
 
-_ENTRY_TYPES = {"examples": int, "memory_size": int, "steps": int, "final_loss": (int, float), "lora": dict}
+_ENTRY_TYPES = {"examples": int, "memory_size": int, "steps": int, "final_loss": (int, float), "lora": dict,
+                "eval_loss": (int, float, type(None))}
 
 
 def _checked(entry: TaskEntry, index: int) -> TaskEntry:
@@ -76,10 +77,12 @@ class TaskEntry:
     final_loss: float
     lora: dict
     learned_at: str
+    eval_loss: float | None = None  # on the held-out data, when learn was given some
 
     @classmethod
-    def from_json(cls, data: dict) -> TaskEntry:
-        return cls(**{f.name: data[f.name] for f in fields(cls)})  # checked by Manifest.from_json
+    def from_json(cls, data: dict) -> TaskEntry:  # checked by Manifest.from_json
+        return cls(**{f.name: data[f.name] if f.default is MISSING else data.get(f.name, f.default)
+                      for f in fields(cls)})
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -30,7 +30,8 @@ def write_task(store: Store, pool: AdapterPool, task: Task, features: torch.Tens
     memory_path = store.fresh("memory", task.name, ".safetensors")
     remember(features, memory, switch, task.wordings).save(store.path(memory_path))
     return TaskEntry(task.name, adapter, memory_path, len(task.examples), memory.size_for(len(features)),
-                     stats["steps"], round(stats["final_loss"], 4), expert.to_dict(), now())
+                     stats["steps"], round(stats["final_loss"], 4), expert.to_dict(), now(),
+                     None if stats.get("eval_loss") is None else round(stats["eval_loss"], 4))
 
 
 def commit(store: Store, manifest: Manifest, tasks: list[TaskEntry], config: SwitchConfig,

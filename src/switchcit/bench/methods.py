@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from ..continual import BASE, ContinualModel
 from ..data import Example, Task, encode_prompt
 from ..errors import SwitchcitError
-from ..experts import ExpertConfig, train_expert, train_params
+from ..experts import ExpertConfig, train_expert
 from ..generation import greedy
 from ..models import load_base_model
 from .cache import GenerationCache, Request
@@ -168,11 +168,14 @@ class SequentialFull(SingleModel):
     name = "seqft"
 
     def train(self, task: Task) -> None:
+        from ..training import train
+
         expert = self.setup.expert
         config = replace(expert, learning_rate=self.setup.full_learning_rate or expert.learning_rate)
-        # every weight trains, with the experts' loop (batching, schedule, clipping): only what is trained differs
-        train_params(self.model, list(self.model.parameters()), task.examples, self.tokenizer, config,
-                     self.setup.progress, f"{self.name} {task.name}")
+        # every weight trains, on the experts' Trainer (batching, schedule, clipping): only what is trained differs
+        self.model.requires_grad_(True)
+        train(self.model, task.examples, self.tokenizer, config, progress=self.setup.progress,
+              desc=f"{self.name} {task.name}")
 
     def save(self, folder: Path) -> None:
         self.model.save_pretrained(folder)
