@@ -135,3 +135,9 @@ def test_learn_help_shows_every_training_option_with_its_default():
                    "--eval-data", "--eval-fraction", "--eval-steps", "--report-to {none,jsonl,tensorboard,wandb}",
                    "--log-dir", "--resume", "--save-steps"):
         assert option in text, option
+
+
+def test_a_four_bit_base_without_a_gpu_is_one_line(tmp_path, words, tiny_model):
+    proc = _learn(tmp_path / "store", words, tiny_model, "--dtype", "nf4", "--device", "cpu", check=False)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1
+    assert "needs a CUDA GPU and the bitsandbytes package" in proc.stderr

@@ -8,7 +8,6 @@ so anything that must see the model without adapters (the 'base' switch encoder)
 
 from __future__ import annotations
 
-import shutil
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -110,6 +109,10 @@ class AdapterPool:
         """A fresh adapter named TRAINING on the base model for the block; it is removed afterwards."""
         from peft import get_peft_model
 
+        if getattr(self.base, "is_loaded_in_4bit", False) and self._peft is None:  # QLoRA: norms in float32
+            from peft import prepare_model_for_kbit_training
+
+            prepare_model_for_kbit_training(self.base, use_gradient_checkpointing=False)
         try:
             if self._peft is None:
                 self._peft = get_peft_model(self.base, lora, adapter_name=TRAINING)
@@ -123,14 +126,6 @@ class AdapterPool:
         finally:
             if TRAINING in self._peft.peft_config:
                 self._remove(TRAINING)
-
-    def save_training(self, folder: Path) -> None:
-        """Write the training adapter as a plain PEFT folder."""
-        staging = folder / "_staging"
-        self._peft.save_pretrained(str(staging), selected_adapters=[TRAINING])
-        for item in (staging / TRAINING).iterdir():
-            item.rename(folder / item.name)
-        shutil.rmtree(staging, ignore_errors=True)
 
     @contextmanager
     def rows(self, tasks: list[str]) -> Iterator[dict]:

@@ -64,6 +64,9 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
+NF4 = "nf4"  # --dtype of a 4-bit (QLoRA) base model
+
+
 def resolve_dtype(dtype: str | None, device: str) -> torch.dtype:
     import torch
 
@@ -121,9 +124,11 @@ def load_base_model(
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # raised inside PEFT, not ours
     location = model_location(reference)
     device = resolve_device(device)
+    quantized = dtype == NF4
     try:
         tokenizer = AutoTokenizer.from_pretrained(location)
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=resolve_dtype(dtype, device))
+        model = AutoModelForCausalLM.from_pretrained(location, **(_four_bit(device) if quantized else {
+            "dtype": resolve_dtype(dtype, device)}))
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SwitchcitError(
@@ -133,9 +138,25 @@ def load_base_model(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    model.to(device)
+    if not quantized:  # a 4-bit model is placed by its device_map and cannot move
+        model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def _four_bit(device: str) -> dict:
+    """QLoRA's base: NF4 weights with double quantization, bf16 compute (bitsandbytes, CUDA only)."""
+    import importlib.util
+
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if not device.startswith("cuda") or importlib.util.find_spec("bitsandbytes") is None:
+        raise SwitchcitError(f"--dtype {NF4} (a 4-bit QLoRA base) needs a CUDA GPU and the bitsandbytes package: "
+                             "pip install bitsandbytes, or use bfloat16")
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=torch.bfloat16)
+    return {"quantization_config": config, "device_map": {"": device}, "dtype": torch.bfloat16}
 
 
 def fingerprint(model: PreTrainedModel) -> dict:

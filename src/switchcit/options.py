@@ -42,8 +42,9 @@ def config_from(args: argparse.Namespace, cls: type[T], **fixed: Any) -> T:
 def model_options(p: argparse.ArgumentParser, quiet: bool = True) -> None:
     """--device, --dtype, --model (and -q/--quiet for commands with progress bars)."""
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weights' type (default: auto = bfloat16 on a GPU, float32 on a CPU)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "nf4"],
+                   help="weights' type; nf4: a 4-bit base for QLoRA (CUDA, bitsandbytes) (default: auto = "
+                   "bfloat16 on a GPU, float32 on a CPU)")
     p.add_argument("--model", default=None,
                    help="base model: Hugging Face id or local folder (default: the store's, else embedded SmolLM2)")
     if quiet:

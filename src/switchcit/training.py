@@ -154,8 +154,9 @@ def train(model, examples: list[Example], tokenizer: PreTrainedTokenizerBase, co
           log_dir: Path | None = None, progress: bool = True, desc: str = "learn") -> dict:
     """Train the parameters of `model` that require grad on `examples`; loss on answer tokens only.
 
-    `run_dir`: where checkpoints go (none if None); `resume` continues from its newest one. Returns the
-    optimizer steps, the final training loss and, with eval data, the last eval loss."""
+    `run_dir`: where checkpoints and, at the end, the trained weights go (RUN_DIR/trained; none if None);
+    `resume` continues from its newest checkpoint. Returns the optimizer steps, the final training loss and,
+    with eval data, the last eval loss."""
     import torch
     from transformers import TrainingArguments
 
@@ -200,6 +201,8 @@ def train(model, examples: list[Example], tokenizer: PreTrainedTokenizerBase, co
     try:
         trainer.train(resume_from_checkpoint=str(start) if start else None)
         eval_loss = trainer.evaluate()["eval_loss"] if evals else None
+        if run_dir is not None:  # every process takes part: FSDP and ZeRO-3 gather the sharded weights here
+            trainer.save_model(str(run_dir / "trained"))
     finally:
         model.eval()
         if config.gradient_checkpointing:

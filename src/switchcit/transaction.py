@@ -13,20 +13,23 @@ from .memory import MemoryConfig, build_switch, remember
 from .store import Manifest, Store, TaskEntry, now
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import torch
 
-    from .adapters import AdapterPool
     from .data import Task
     from .experts import ExpertConfig
     from .gaussian import GaussianSwitch
     from .switch import Switch, SwitchConfig
 
 
-def write_task(store: Store, pool: AdapterPool, task: Task, features: torch.Tensor, stats: dict,
+def write_task(store: Store, trained: Path, task: Task, features: torch.Tensor, stats: dict,
                expert: ExpertConfig, memory: MemoryConfig, switch: SwitchConfig) -> TaskEntry:
-    """Save the just-trained adapter (a plain PEFT folder) and the task's memory; returns its manifest entry."""
+    """Move the just-trained adapter (a plain PEFT folder the trainer saved inside the store) into place and
+    save the task's memory; returns its manifest entry."""
     adapter = store.fresh("adapters", task.name)
-    pool.save_training(store.path(adapter))
+    store.path(adapter).parent.mkdir(parents=True, exist_ok=True)
+    trained.rename(store.path(adapter))
     memory_path = store.fresh("memory", task.name, ".safetensors")
     remember(features, memory, switch, task.wordings).save(store.path(memory_path))
     return TaskEntry(task.name, adapter, memory_path, len(task.examples), memory.size_for(len(features)),
