@@ -150,13 +150,13 @@ def _reporters(config: ExpertConfig, log_dir: Path | None) -> list[TrainerCallba
 
 
 def train(model, examples: list[Example], tokenizer: PreTrainedTokenizerBase, config: ExpertConfig, *,
-          eval_examples: list[Example] | None = None, run_dir: Path | None = None, resume: bool = False,
+          run_dir: Path, save: bool = True, eval_examples: list[Example] | None = None, resume: bool = False,
           log_dir: Path | None = None, progress: bool = True, desc: str = "learn") -> dict:
     """Train the parameters of `model` that require grad on `examples`; loss on answer tokens only.
 
-    `run_dir`: where checkpoints and, at the end, the trained weights go (RUN_DIR/trained; none if None);
-    `resume` continues from its newest checkpoint. Returns the optimizer steps, the final training loss and,
-    with eval data, the last eval loss."""
+    `run_dir`: the trainer's folder; with `save`, checkpoints go there and, at the end, the trained weights
+    (RUN_DIR/trained). `resume` continues from its newest checkpoint. Returns the optimizer steps, the final
+    training loss and, with eval data, the last eval loss."""
     import torch
     from transformers import TrainingArguments
 
@@ -165,12 +165,12 @@ def train(model, examples: list[Example], tokenizer: PreTrainedTokenizerBase, co
         examples, eval_examples = split_eval(examples, config.eval_fraction, config.seed)
     start = None
     if resume:
-        start = last_checkpoint(run_dir) if run_dir and run_dir.is_dir() else None
+        start = last_checkpoint(run_dir) if run_dir.is_dir() else None
         if start is None:
             raise SwitchcitError(f"--resume: no checkpoint of this task for this data and configuration in "
-                                 f"{run_dir.parent if run_dir else 'the store'}: run without --resume")
+                                 f"{run_dir.parent}: run without --resume")
         print(f"switchcit: {desc}: resuming from step {start.name[11:]}", file=sys.stderr)
-    elif run_dir is not None and run_dir.exists():
+    elif run_dir.exists():
         shutil.rmtree(run_dir)  # a fresh start: never resume later from this run's older checkpoints
     steps = config.steps_for(len(examples), processes)
     pad = tokenizer.pad_token_id
@@ -179,14 +179,14 @@ def train(model, examples: list[Example], tokenizer: PreTrainedTokenizerBase, co
     device = next(model.parameters()).device
     periodic_eval = bool(evals and config.eval_steps)
     args = TrainingArguments(
-        output_dir=str(run_dir or Path(CHECKPOINTS) / "unused"), max_steps=steps, seed=config.seed,
+        output_dir=str(run_dir), max_steps=steps, seed=config.seed,
         data_seed=config.seed, per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=config.batch_size, gradient_accumulation_steps=config.grad_accum,
         learning_rate=config.learning_rate, weight_decay=0.0, max_grad_norm=1.0,
         activation_checkpointing=config.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
         bf16=device.type == "cuda" and model.dtype == torch.bfloat16, use_cpu=device.type == "cpu",
-        logging_steps=min(config.logging_steps, steps), save_strategy="steps" if run_dir else "no",
+        logging_steps=min(config.logging_steps, steps), save_strategy="steps" if save else "no",
         save_steps=config.save_steps, save_total_limit=1, eval_strategy="steps" if periodic_eval else "no",
         eval_steps=config.eval_steps if periodic_eval else None, prediction_loss_only=True,
         report_to=["wandb"] if config.report_to == "wandb" else "none", disable_tqdm=not progress,
@@ -201,7 +201,7 @@ def train(model, examples: list[Example], tokenizer: PreTrainedTokenizerBase, co
     try:
         trainer.train(resume_from_checkpoint=str(start) if start else None)
         eval_loss = trainer.evaluate()["eval_loss"] if evals else None
-        if run_dir is not None:  # every process takes part: FSDP and ZeRO-3 gather the sharded weights here
+        if save:  # every process takes part: FSDP and ZeRO-3 gather the sharded weights here
             trainer.save_model(str(run_dir / "trained"))
     finally:
         model.eval()

@@ -125,6 +125,11 @@ class SingleModel:
     def key(self) -> str:
         return f"{self.name}@{len(self.seen)}"
 
+    @property
+    def trainer_folder(self) -> dict:
+        """The Trainer's working folder, inside the method's own; the method checkpoints by itself."""
+        return {"run_dir": self.folder / "trainer", "save": False}
+
     def learn(self, task: Task) -> None:
         self.seen.append(task)
         if len(self.seen) <= self.checkpointed:  # restored weights already include this task
@@ -175,7 +180,7 @@ class SequentialFull(SingleModel):
         # every weight trains, on the experts' Trainer (batching, schedule, clipping): only what is trained differs
         self.model.requires_grad_(True)
         train(self.model, task.examples, self.tokenizer, config, progress=self.setup.progress,
-              desc=f"{self.name} {task.name}")
+              desc=f"{self.name} {task.name}", **self.trainer_folder)
 
     def save(self, folder: Path) -> None:
         self.model.save_pretrained(folder)
@@ -207,7 +212,7 @@ class SequentialLoRA(SingleModel):
 
     def train(self, task: Task) -> None:
         train_expert(self.model, "default", self.training_examples(task), self.tokenizer, self.setup.expert,
-                     self.setup.progress, f"{self.name} {task.name}")
+                     self.setup.progress, f"{self.name} {task.name}", **self.trainer_folder)
 
     def save(self, folder: Path) -> None:
         self.model.save_pretrained(folder)
@@ -232,7 +237,7 @@ class MultiTask(SequentialLoRA):
         expert = self.setup.expert
         budget = replace(expert, max_steps=expert.max_steps * len(self.seen), epochs=expert.epochs * len(self.seen))
         train_expert(self.model, "default", self.training_examples(task), self.tokenizer, budget,
-                     self.setup.progress, f"{self.name} {len(self.seen)} tasks")
+                     self.setup.progress, f"{self.name} {len(self.seen)} tasks", **self.trainer_folder)
 
 
 def fresh_lora(model: PreTrainedModel, config: ExpertConfig):
