@@ -89,6 +89,9 @@ class _Bar(ProgressCallback):
         if state.is_world_process_zero and self.training_bar is not None and "loss" in (logs or {}):
             self.training_bar.set_postfix(loss=f"{logs['loss']:.3f}")
 
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+        pass  # evaluation is short: no second bar inside the first
+
 
 class JsonlLogger(TrainerCallback):
     """`--report-to jsonl`: one JSON object per log event (step, epoch and the logged values), appended."""
@@ -163,6 +166,8 @@ def train(model, examples: list[Example], tokenizer: PreTrainedTokenizerBase, co
     _, processes = data_parallel()
     if eval_examples is None and config.eval_fraction:
         examples, eval_examples = split_eval(examples, config.eval_fraction, config.seed)
+    if config.eval_steps and not eval_examples:
+        raise SwitchcitError("--eval-steps needs held-out rows: give --eval-data FILE or --eval-fraction F")
     start = None
     if resume:
         start = last_checkpoint(run_dir) if run_dir.is_dir() else None
