@@ -116,10 +116,10 @@ def run_key(examples: list[Example], config: ExpertConfig, base: str, processes:
     return digest.hexdigest()[:16]
 
 
-def last_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint of a run, if any."""
-    done = [p for p in run_dir.glob("checkpoint-*") if (p / _COMPLETE).is_file() and p.name[11:].isdigit()]
-    return max(done, key=lambda p: int(p.name[11:]), default=None)
+def last_checkpoint(run_dir: Path) -> tuple[Path, int] | None:
+    """The newest complete checkpoint of a run and its step, if any."""
+    steps = {p: p.name.removeprefix("checkpoint-") for p in run_dir.glob("checkpoint-*") if (p / _COMPLETE).is_file()}
+    return max(((p, int(s)) for p, s in steps.items() if s.isdigit()), key=lambda found: found[1], default=None)
 
 
 def split_eval(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
@@ -163,7 +163,7 @@ def train(model, examples: list[Example], tokenizer: PreTrainedTokenizerBase, co
     import torch
     from transformers import TrainingArguments
 
-    _, processes = data_parallel()
+    rank, processes = data_parallel()
     if eval_examples is None and config.eval_fraction:
         examples, eval_examples = split_eval(examples, config.eval_fraction, config.seed)
     if config.eval_steps and not eval_examples:
@@ -174,7 +174,8 @@ def train(model, examples: list[Example], tokenizer: PreTrainedTokenizerBase, co
         if start is None:
             raise SwitchcitError(f"--resume: no checkpoint of this task for this data and configuration in "
                                  f"{run_dir.parent}: run without --resume")
-        print(f"switchcit: {desc}: resuming from step {start.name[11:]}", file=sys.stderr)
+        if rank == 0:
+            print(f"switchcit: {desc}: resuming from step {start[1]}", file=sys.stderr)
     elif run_dir.exists():
         shutil.rmtree(run_dir)  # a fresh start: never resume later from this run's older checkpoints
     steps = config.steps_for(len(examples), processes)
@@ -204,7 +205,7 @@ def train(model, examples: list[Example], tokenizer: PreTrainedTokenizerBase, co
     if trainer.pop_callback(ProgressCallback) is not None:
         trainer.add_callback(_Bar(desc))
     try:
-        trainer.train(resume_from_checkpoint=str(start) if start else None)
+        trainer.train(resume_from_checkpoint=str(start[0]) if start else None)
         eval_loss = trainer.evaluate()["eval_loss"] if evals else None
         if save:  # every process takes part: FSDP and ZeRO-3 gather the sharded weights here
             trainer.save_model(str(run_dir / "trained"))
