@@ -167,8 +167,9 @@ def cmd_tasks(args) -> None:
     print(f"store {args.store}: base model {manifest.base_model}, encoder {manifest.encoder}, "
           f"router {manifest.router}")
     for t in manifest.tasks:
+        evaluated = "" if t.eval_loss is None else f"  eval loss {t.eval_loss}"
         print(f"  {t.name:<24} {t.examples:>7} examples  {t.memory_size:>5} kept  {t.steps:>6} steps  "
-              f"{t.learned_at}  {t.adapter}")
+              f"{t.learned_at}  {t.adapter}{evaluated}")
 
 
 def cmd_forget(args) -> None:
