@@ -1,8 +1,17 @@
-"""Requests per second of `switchcit serve` with dynamic batching vs. one request at a time, same load.
+"""Requests per second of `switchcit serve` with batching vs. one request at a time, same load; then a
+mixed workload on the continuous and the static engine, side by side.
 
-With no --store it learns three demo tasks (2 steps each: only speed matters here) on the embedded
-model into a temporary store first, so it runs with no arguments. Both servers run in this process, one after the other,
-each on a free loopback port, and get the same prompts from the same number of concurrent clients.
+With no --store it learns four demo tasks (2 steps each: only speed matters here) on the embedded
+model into a temporary store first, so it runs with no arguments. All servers run in this process, one
+after the other, each on a free loopback port.
+
+1. Closed loop: the same prompts from the same number of concurrent clients, batched (continuous engine)
+   and --max-batch-size 1: `batched_rps`, `sequential_rps`, `ratio`.
+2. Mixed workload (fixed): 64 streamed requests, max_tokens 8 or 200 (half each, shuffled with seed 0),
+   forced round-robin to 4 adapters, Poisson arrivals at 2 requests/s (seed 0). For each engine:
+   throughput, p50/p99 end-to-end latency and p50/p99 time to first token (first streamed chunk after
+   the routing chunk, i.e. the first token: the continuous engine streams tokens as they are made, the
+   static one only once its batch is done).
 
     python benchmarks/serve_throughput.py [--json] [--store DIR] [--model M] [--requests N] [--concurrency C]
 """
@@ -12,6 +21,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
+import statistics
 import sys
 import tempfile
 import time
@@ -24,7 +35,7 @@ from switchcit.demo import demo_stream
 from switchcit.serve import ServeConfig, create_app, serve_in_thread
 
 
-def build_store(folder: Path, model: str | None, tasks: int = 3) -> None:
+def build_store(folder: Path, model: str | None, tasks: int = 4) -> None:
     cm = ContinualModel(folder, base_model=model, progress=False,
                         expert_config=ExpertConfig(max_steps=2, batch_size=4, epochs=100))
     for train, _ in demo_stream(n_train=16, n_test=1, seed=0)[:tasks]:
@@ -49,8 +60,56 @@ async def load(url: str, prompts: list[str], requests: int, concurrency: int, ma
         return requests / (time.perf_counter() - started)
 
 
+async def mixed(url: str, tasks: list[str], prompts: list[str]) -> dict:
+    """The fixed mixed workload (module docstring); latencies in seconds."""
+    rng = random.Random(0)
+    lengths = [8, 200] * 32
+    rng.shuffle(lengths)
+    gaps = [rng.expovariate(2.0) for _ in lengths]
+    latency, ttft = [], []
+
+    async def one(client: httpx.AsyncClient, i: int, delay: float) -> None:
+        await asyncio.sleep(delay)
+        body = {"model": tasks[i % len(tasks)], "max_tokens": lengths[i], "stream": True,
+                "messages": [{"role": "user", "content": prompts[i % len(prompts)]}]}
+        begin, first = time.perf_counter(), None
+        async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+            response.raise_for_status()
+            chunks = 0
+            async for line in response.aiter_lines():
+                if line.startswith("data: "):
+                    chunks += 1
+                    if chunks == 2 and first is None:  # the first after the routing chunk
+                        first = time.perf_counter() - begin
+        latency.append(time.perf_counter() - begin)
+        ttft.append(first if first is not None else latency[-1])
+
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=100)) as client:
+        started = time.perf_counter()
+        delays = [sum(gaps[:i + 1]) for i in range(len(gaps))]
+        await asyncio.gather(*(one(client, i, d) for i, d in enumerate(delays)))
+        elapsed = time.perf_counter() - started
+
+    def pct(values: list[float], q: int) -> float:
+        return round(statistics.quantiles(values, n=100, method="inclusive")[q - 1], 3)
+
+    return {"rps": round(len(lengths) / elapsed, 3), "p50_s": pct(latency, 50), "p99_s": pct(latency, 99),
+            "ttft_p50_s": pct(ttft, 50), "ttft_p99_s": pct(ttft, 99)}
+
+
+def prompts_of_demo() -> list[str]:
+    return [e.prompt for _, test in demo_stream(n_train=1, n_test=50, seed=1) for e in test.examples]
+
+
+def measure_mixed(store: Path, model: str | None, engine: str) -> dict:
+    config = ServeConfig(str(store), model=model, engine=engine, max_tokens=200)
+    app = create_app(config)
+    with serve_in_thread(app) as url:
+        return asyncio.run(mixed(url, app.state.engine.cm.task_names[:4], prompts_of_demo()))
+
+
 def measure(store: Path, model: str | None, max_batch_size: int, args: argparse.Namespace) -> float:
-    prompts = [e.prompt for _, test in demo_stream(n_train=1, n_test=50, seed=1) for e in test.examples]
+    prompts = prompts_of_demo()
     config = ServeConfig(str(store), model=model, max_batch_size=max_batch_size, max_tokens=args.max_tokens)
     with serve_in_thread(create_app(config)) as url:
         asyncio.run(load(url, prompts, args.concurrency, args.concurrency, args.max_tokens))  # warm-up
@@ -71,12 +130,13 @@ def main() -> None:
         store = args.store
         if store is None:
             store = Path(tmp) / "store"
-            print("building a 3-task demo store ...", file=sys.stderr, flush=True)
+            print("building a 4-task demo store ...", file=sys.stderr, flush=True)
             build_store(store, args.model)
         batched = measure(store, args.model, args.max_batch_size, args)
         sequential = measure(store, args.model, 1, args)
+        engines = {engine: measure_mixed(store, args.model, engine) for engine in ("continuous", "static")}
     result = {"batched_rps": round(batched, 2), "sequential_rps": round(sequential, 2),
-              "ratio": round(batched / sequential, 2)}
+              "ratio": round(batched / sequential, 2), **engines}
     if args.json:
         print(json.dumps(result))
     else:
@@ -84,6 +144,10 @@ def main() -> None:
         print(f"dynamic batching (max {args.max_batch_size}): {batched:.2f} requests/s")
         print(f"one at a time (--max-batch-size 1):  {sequential:.2f} requests/s")
         print(f"ratio: {batched / sequential:.2f}x")
+        print("mixed workload (64 streamed requests, max_tokens 8 or 200, 4 adapters, Poisson 2/s, seed 0):")
+        for engine, r in engines.items():
+            print(f"  {engine:>10}: {r['rps']:.2f} requests/s, latency p50 {r['p50_s']:.2f} s p99 "
+                  f"{r['p99_s']:.2f} s, time to first token p50 {r['ttft_p50_s']:.2f} s p99 {r['ttft_p99_s']:.2f} s")
 
 
 if __name__ == "__main__":

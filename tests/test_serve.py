@@ -266,16 +266,84 @@ def test_bad_completion_requests_and_keys(server, http):
     assert "switchcit_request_latency_seconds_bucket" in metrics
 
 
-def test_a_failing_generation_answers_500_and_the_server_lives_on(trained_store, monkeypatch):
-    failing = app(trained_store, api_key=None)
+@pytest.mark.parametrize("engine", ["continuous", "static"])
+def test_a_failing_row_answers_500_alone_and_the_server_lives_on(trained_store, engine):
+    failing = app(trained_store, api_key=None, engine=engine)
+    cm = failing.state.engine.cm
+    poison = cm.tokenizer.encode("zebra", add_special_tokens=False)[0]
+
+    def refuse(module, args, kwargs):  # fault injection: the model fails on any batch holding this token
+        if (kwargs.get("input_ids", args[0] if args else None) == poison).any():
+            raise RuntimeError("poisoned row")
+
+    def ask(prompt: str) -> httpx.Response:
+        return httpx.post(f"{url}/v1/completions", json={"model": "base", "prompt": prompt, "max_tokens": 2},
+                          timeout=60)
+
     with serve_in_thread(failing) as url:
-        monkeypatch.setattr(failing.state.engine.cm, "generate", lambda *a, **k: 1 / 0)  # fault injection
-        response = httpx.post(f"{url}/v1/completions", json={"model": "base", "prompt": "hi", "max_tokens": 2})
-        assert response.status_code == 500
-        assert response.json()["error"]["type"] == "server_error" and "ZeroDivisionError" in response.text
-        monkeypatch.undo()
-        response = httpx.post(f"{url}/v1/completions", json={"model": "base", "prompt": "hi", "max_tokens": 2})
-        assert response.status_code == 200
+        handle = cm.adapters.base.register_forward_pre_hook(refuse, with_kwargs=True)
+        try:
+            with ThreadPoolExecutor(4) as pool:
+                responses = list(pool.map(ask, ["a zebra", "a cat", "a dog", "a bird"]))
+        finally:
+            handle.remove()
+        assert responses[0].status_code == 500
+        assert responses[0].json()["error"]["type"] == "server_error" and "poisoned row" in responses[0].text
+        assert [r.status_code for r in responses[1:]] == [200] * 3
+        assert ask("a zebra").status_code == 200
+
+
+def _running(url: str) -> float:
+    return _metric(httpx.get(f"{url}/metrics").text, "switchcit_running_sequences")
+
+
+def test_a_short_request_joins_and_leaves_while_a_long_one_runs(trained_store, stream):
+    with serve_in_thread(app(trained_store, api_key=None, max_tokens=100000)) as url:
+        with ThreadPoolExecutor(1) as pool:
+            long = pool.submit(httpx.post, f"{url}/v1/completions", timeout=300,
+                               json={"model": "base", "prompt": "hello", "max_tokens": 3000})
+            while _running(url) < 1:
+                time.sleep(0.01)
+            short = httpx.post(f"{url}/v1/completions", json={"model": "initials", "prompt": stream[1][1].prompts[0],
+                                                                "max_tokens": 4}, timeout=60)
+            assert short.status_code == 200 and not long.done()  # joined the running batch, left before it ended
+            assert long.result().json()["usage"]["completion_tokens"] == 3000
+        metrics = httpx.get(f"{url}/metrics").text
+        assert _metric(metrics, "switchcit_time_to_first_token_seconds_count") == 2
+        assert _metric(metrics, "switchcit_time_per_output_token_seconds_count") == 2
+        assert _metric(metrics, "switchcit_running_sequences") == _metric(metrics, "switchcit_kv_cache_tokens") == 0
+
+
+def test_a_client_that_hangs_up_frees_its_slot(trained_store, stream):
+    with serve_in_thread(app(trained_store, api_key=None, max_tokens=20000, max_batch_size=1)) as url:
+        body = {"model": "base", "prompt": "hello", "max_tokens": 20000, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
+            lines = response.iter_lines()  # kept: a dropped line iterator closes the connection
+            assert '"switchcit"' in next(lines)
+            while _running(url) < 1:
+                time.sleep(0.01)
+        deadline = time.monotonic() + 30
+        while _running(url) > 0:  # gone at the next step, long before 100000 tokens
+            assert time.monotonic() < deadline, "the hung-up stream kept its slot"
+            time.sleep(0.05)
+        short = httpx.post(f"{url}/v1/completions", json={"model": "initials", "prompt": stream[1][1].prompts[0],
+                                                            "max_tokens": 4}, timeout=60)
+        assert short.status_code == 200
+
+
+def test_streams_stop_at_the_stop_string_and_match_the_whole_answer(server, http, clear):
+    client = OpenAI(base_url=f"{server}/v1", api_key=KEY)
+    prompts = clear["initials"][:3]
+    whole = http.post("/v1/completions", json={"model": "initials", "prompt": prompts, "max_tokens": 6}).json()
+    texts = [c["text"] for c in whole["choices"]]
+    assert all(texts), texts  # the tiny 'initials' expert answers at least a letter
+    stop = texts[0][-1]
+    chunks = list(client.completions.create(model="initials", prompt=prompts, max_tokens=6, stream=True, stop=stop))
+    streamed = ["".join(c.choices[0].text for c in chunks if c.choices and c.choices[0].index == i) for i in range(3)]
+    assert streamed == [t[:t.find(stop)] if stop in t else t for t in texts]
+    reasons = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(reasons) == 3 and "stop" in reasons
+    assert chunks[0].model_extra["switchcit"] == [{"task": "initials", "confidence": None}] * 3
 
 
 def test_print_vllm_command(trained_store, capsys):

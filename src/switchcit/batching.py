@@ -122,6 +122,7 @@ class Batcher:
         forward = inspect.signature(pool.base.forward).parameters  # transformers renamed it in 5.x
         self._cache_kwarg = "cache" if "cache" in forward else "past_key_values"
         self.waiting: deque[Sequence] = deque()
+        self.admitting = True  # False: running rows go on, waiting ones stay waiting
         self._running: _Rows | None = None
         self._prefill: _Prefill | None = None
 
@@ -178,7 +179,7 @@ class Batcher:
         The cache budget bounds the padded cache: rows x the longest prompt + max_tokens among them."""
 
         group: list[Sequence] = []
-        while self.waiting and len(self.running) + len(group) < self.max_batch_size:
+        while self.admitting and self.waiting and len(self.running) + len(group) < self.max_batch_size:
             rows = [*group, self.waiting[0]]
             if group and len(rows) * max(len(s.prompt_ids) for s in rows) > self.prefill_tokens:
                 break

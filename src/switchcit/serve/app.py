@@ -4,6 +4,7 @@ No `from __future__ import annotations` here: FastAPI must see the handlers' rea
 """
 
 import asyncio
+import contextlib
 import json
 import logging
 import secrets
@@ -16,15 +17,17 @@ from typing import TYPE_CHECKING
 
 from ..errors import SwitchcitError
 from .config import ENDPOINTS, ServeConfig
-from .engine import Engine, Metrics
+from .continuous import ContinuousEngine
+from .engine import Engine, Job, Metrics, StaticEngine
 from .errors import ApiError, invalid
-from .openai_api import openapi_body, parse_ask, response_body, stream_events
+from .openai_api import Ask, openapi_body, parse_ask, response_body, stream_events, token_events
 from .upstream import Upstream
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
 log = logging.getLogger("switchcit.serve")
+HEARTBEAT_S = 0.5  # a quiet stream sends an SSE comment this often, so that a hung-up client is noticed
 
 
 def create_app(config: ServeConfig) -> "FastAPI":
@@ -35,7 +38,8 @@ def create_app(config: ServeConfig) -> "FastAPI":
     from starlette.exceptions import HTTPException
 
     metrics = Metrics()
-    engine = Engine(config, metrics)
+    continuous = config.engine == "continuous" and not config.upstream  # router-only: routing, never generation
+    engine: Engine = (ContinuousEngine if continuous else StaticEngine)(config, metrics)
     upstream = Upstream(config, engine.cm.manifest.base_model) if config.upstream else None
     started = int(time.time())
 
@@ -125,7 +129,9 @@ def create_app(config: ServeConfig) -> "FastAPI":
         except RecursionError:
             raise invalid("the request body is nested too deeply") from None
         ask = parse_ask(body, chat, config, engine.models)
-        answers = await engine.answer(ask.prompts, ask.task, ask.max_tokens)
+        if ask.stream and engine.streams:
+            return await stream_tokens(ask)
+        answers = await engine.answer(ask.prompts, ask.task, ask.max_tokens, tuple(ask.stop))
         if upstream is None:
             if ask.stream:
                 return StreamingResponse(stream_events(ask, answers), media_type="text/event-stream")
@@ -134,6 +140,65 @@ def create_app(config: ServeConfig) -> "FastAPI":
         if ask.stream:
             return StreamingResponse(await upstream.open_stream(ask, routes), media_type="text/event-stream")
         return JSONResponse(await upstream.complete(ask, routes))
+
+    async def stream_tokens(ask: Ask) -> Response:
+        """Stream each prompt's tokens as they are decoded. Errors before the first token (a forgotten task, a
+        prompt too long) are HTTP errors; a client that goes away cancels its jobs, freeing their rows."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def post(index: int, kind: str, value: object) -> None:  # called on the worker thread
+            with contextlib.suppress(RuntimeError):  # a closed event loop: nobody listens any more
+                loop.call_soon_threadsafe(events.put_nowait, (index, kind, value))
+
+        def finished(index: int, future) -> None:
+            if not future.cancelled():
+                post(index, "done", future.exception() or future.result())
+
+        jobs = [Job(p, ask.task, ask.max_tokens, tuple(ask.stop), lambda kind, value, i=i: post(i, kind, value))
+                for i, p in enumerate(ask.prompts)]
+        for index, job in enumerate(jobs):
+            job.future.add_done_callback(lambda f, i=index: finished(i, f))
+        engine.submit(jobs)
+        routes, early, ended = {}, [], set()
+        try:
+            while len(routes) + len(ended) < len(jobs):  # every prompt routed, or ended before its first token
+                index, kind, value = await events.get()
+                if kind == "route":
+                    routes[index] = value
+                elif kind == "done":
+                    ended.add(index)
+                    if isinstance(value, Exception):
+                        raise value
+                early.append((index, kind, value))
+        except BaseException:
+            for job in jobs:
+                job.cancelled = True
+            raise
+
+        async def rest() -> AsyncIterator[tuple[int, str, object]]:
+            done = 0
+            for item in early:
+                if item[1] != "route":
+                    done += item[1] == "done"
+                    yield item
+            while done < len(jobs):
+                try:
+                    item = await asyncio.wait_for(events.get(), HEARTBEAT_S)
+                except asyncio.TimeoutError:  # nothing to send for a while: a heartbeat, whose failed send tells
+                    item = (0, "idle", None)  # of a client that hung up
+                done += item[1] == "done"
+                yield item
+
+        async def body() -> AsyncIterator[str]:
+            try:
+                async for line in token_events(ask, [routes[i] for i in range(len(jobs))], rest()):
+                    yield line
+            finally:  # finished, failed, or the client went away: rows still generating leave at the next step
+                for job in jobs:
+                    job.cancelled = True
+
+        return StreamingResponse(body(), media_type="text/event-stream")
 
     @app.post("/v1/chat/completions", openapi_extra=openapi_body("chat"))
     async def chat_completions(request: Request) -> Response:

@@ -22,8 +22,14 @@ class ServeConfig:
     host: str = knob("127.0.0.1", "--host", "address to listen on")
     port: int = knob(8000, "--port", "port to listen on", low=0, high=65535)
     api_key: str | None = None  # the CLI reads --api-key or $SWITCHCIT_API_KEY
-    max_batch_size: int = knob(32, "--max-batch-size", "most requests in one batch (1: no batching)", low=1)
-    max_wait_ms: float = knob(10.0, "--max-wait-ms", "how long a batch waits to fill up", low=0)
+    engine: str = knob("continuous", "--engine", "continuous: requests join and leave the running batch at every "
+                       "token; static: fixed batches, each generated to its end", choices=("continuous", "static"))
+    max_batch_size: int = knob(32, "--max-batch-size", "most sequences generated at once (1: no batching)", low=1)
+    max_kv_tokens: int = knob(32768, "--max-kv-tokens", "continuous engine: most KV-cache cells, running rows x the "
+                              "longest prompt + max_tokens among them; past it requests queue", low=1)
+    prefill_tokens: int = knob(512, "--prefill-tokens", "continuous engine: most prompt tokens read per step (longer "
+                               "prompts are read in chunks between decoding steps)", low=1)
+    max_wait_ms: float = knob(10.0, "--max-wait-ms", "static engine: how long a batch waits to fill up", low=0)
     max_tokens: int = knob(512, "--max-tokens", "largest max_tokens a request may ask (and its default)", low=1)
     max_prompt_chars: int = knob(16000, "--max-prompt-chars", "longest prompt accepted, in characters", low=1)
     max_prompt_tokens: int = knob(4096, "--max-prompt-tokens", "longest prompt accepted, in the model's tokens "

@@ -6,13 +6,13 @@ import json
 import re
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 from ..continual import BASE, Route
 from ..generation import Generation
 from .config import AUTO, MAX_PROMPTS, ServeConfig
-from .errors import invalid, model_not_found
+from .errors import ApiError, invalid, model_not_found
 
 
 @dataclass
@@ -200,21 +200,31 @@ def sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-def stream_events(ask: Ask, answers: list[Generation]) -> Iterator[str]:
-    """The finished answers as SSE chunks of about a word each; the first chunk carries the routing."""
-    head = _head(ask, True)
-    extra = {"switchcit": routing(ask, [a.route for a in answers])}
+class _Chunks:
+    """The SSE chunks of one streamed answer; the first one made carries the routing."""
 
-    def chunk(index: int, text: str | None, reason: str | None = None, role: bool = False) -> str:
-        nonlocal extra
-        if ask.chat:
+    def __init__(self, ask: Ask, routes: list[Route]):
+        self.ask, self.head = ask, _head(ask, True)
+        self.extra = {"switchcit": routing(ask, routes)}
+
+    def __call__(self, index: int, text: str | None, reason: str | None = None, role: bool = False) -> str:
+        if self.ask.chat:
             delta = {"role": "assistant", "content": ""} if role else {} if text is None else {"content": text}
             choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
         else:
             choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": reason}
-        event, extra = sse({**head, "choices": [choice], **extra}), {}
+        event, self.extra = sse({**self.head, "choices": [choice], **self.extra}), {}
         return event
 
+    def end(self, answers: list[Generation]) -> Iterator[str]:
+        if self.ask.include_usage:
+            yield sse({**self.head, "choices": [], "usage": _usage(answers)})
+        yield sse("[DONE]")
+
+
+def stream_events(ask: Ask, answers: list[Generation]) -> Iterator[str]:
+    """Finished answers (static engine) as SSE chunks of about a word each."""
+    chunk = _Chunks(ask, [a.route for a in answers])
     for index, answer in enumerate(answers):
         text, reason = _finish(ask, answer)
         if ask.chat:
@@ -222,6 +232,27 @@ def stream_events(ask: Ask, answers: list[Generation]) -> Iterator[str]:
         for piece in re.findall(r"\s*\S+", text):
             yield chunk(index, piece)
         yield chunk(index, None, reason)
-    if ask.include_usage:
-        yield sse({**head, "choices": [], "usage": _usage(answers)})
-    yield sse("[DONE]")
+    yield from chunk.end(answers)
+
+
+async def token_events(ask: Ask, routes: list[Route], events: AsyncIterator[tuple[int, str, object]]) \
+        -> AsyncIterator[str]:
+    """Answers as they are decoded: `events` gives (index, 'text', piece), then (index, 'done', Generation or
+    ApiError) for each prompt, and (0, 'idle', None) for a heartbeat (an SSE comment). A failure mid-stream
+    ends it with an error event, as OpenAI's API does."""
+    chunk = _Chunks(ask, routes)
+    yield chunk(0, None, role=True) if ask.chat else chunk(0, "")
+    answers = []
+    async for index, kind, value in events:
+        if kind == "text":
+            yield chunk(index, value)
+        elif kind == "idle":
+            yield ": keep-alive\n\n"
+        elif isinstance(value, ApiError):
+            yield sse(value.body())
+            return
+        else:
+            answers.append(value)
+            yield chunk(index, None, _finish(ask, value)[1])
+    for line in chunk.end(answers):
+        yield line
