@@ -2,9 +2,10 @@
 
     python benchmarks/routed_generation.py [--json] [--model M] [--adapters 4] [--batch 16] [--new-tokens 32]
 
-All four paths run side by side in one process on the same prompts (exactly T new tokens, greedy);
-each is repeated and the median is reported. `peft_mixed` (PEFT's own mixed-adapter batches) is shown
-for reference: `mixed` uses switchcit's batched path (src/switchcit/mixed.py).
+All paths run side by side in one process on the same prompts (exactly T new tokens, greedy);
+each is repeated and the median is reported. `mixed` is switchcit's batched path (src/switchcit/mixed.py)
+as the library picks it, `mixed_gather` the same with per-row gathers (its layout beyond DENSE_UP_TO
+adapters), and `peft_mixed` PEFT's own mixed-adapter batches, for reference.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from switchcit import ContinualModel, ExpertConfig, Task
 from switchcit.demo import demo_stream
+from switchcit.mixed import DENSE_UP_TO
 
 
 def timed(fn) -> float:
@@ -57,16 +59,21 @@ def main() -> None:
         t = args.new_tokens
         gen = dict(max_new_tokens=t, min_new_tokens=t, batch_size=args.batch)
 
-        def mixed(fast: bool) -> tuple[float, float]:
+        def mixed(fast: bool, dense: bool | None = None) -> tuple[float, float]:
             cm.adapters.fast_mixed = fast
             route = timed(lambda: cm.route(prompts))
+            if fast:
+                cm.generate(prompts[:2], routed[:2], max_new_tokens=1)  # builds the pool's stacked weights
+                default = len(cm.adapters._mixed.adapters) <= DENSE_UP_TO
+                cm.adapters._mixed.dense = default if dense is None else dense  # both layouts use the same weights
             return route, route + timed(lambda: cm.generate(prompts, routed, **gen))
 
         def naive() -> None:
             for prompt, task in zip(prompts, [r.task for r in cm.route(prompts)]):
                 cm.generate([prompt], [task], **gen)
 
-        samples: dict[str, list[float]] = {k: [] for k in ("base", "single_adapter", "mixed", "peft_mixed", "naive")}
+        samples: dict[str, list[float]] = {k: [] for k in ("base", "single_adapter", "mixed", "mixed_gather",
+                                                            "peft_mixed", "naive")}
         overhead = []
         for repeat in range(args.repeats + 1):  # round 0 warms every path up and is discarded
             if repeat == 1:
@@ -76,6 +83,7 @@ def main() -> None:
             route_s, total = mixed(True)
             samples["mixed"].append(total)
             overhead.append(route_s / total)
+            samples["mixed_gather"].append(mixed(True, dense=False)[1])
             samples["peft_mixed"].append(mixed(False)[1])
             samples["naive"].append(timed(naive))
 
@@ -83,6 +91,7 @@ def main() -> None:
     tps = {k: tokens / statistics.median(v) for k, v in samples.items()}
     result = {"tokens_per_s": tps, "mixed_vs_base": tps["mixed"] / tps["base"],
               "mixed_vs_naive": tps["mixed"] / tps["naive"], "mixed_vs_single": tps["mixed"] / tps["single_adapter"],
+              "gather_vs_base": tps["mixed_gather"] / tps["base"],
               "peft_mixed_vs_base": tps["peft_mixed"] / tps["base"], "switch_overhead": statistics.median(overhead),
               "routing_agrees_with_labels": sum(a == b for a, b in zip(routed, tasks)) / len(tasks),
               "config": {"model": cm.base_reference, "adapters": args.adapters, "batch": args.batch, "new_tokens": t,
@@ -92,7 +101,8 @@ def main() -> None:
         return
     for name, value in tps.items():
         print(f"{name:>15}: {value:8.1f} tokens/s")
-    for key in ("mixed_vs_base", "mixed_vs_naive", "mixed_vs_single", "peft_mixed_vs_base", "switch_overhead"):
+    for key in ("mixed_vs_base", "mixed_vs_naive", "mixed_vs_single", "gather_vs_base", "peft_mixed_vs_base",
+                "switch_overhead"):
         print(f"{key:>19}: {result[key]:.3f}")
 
 

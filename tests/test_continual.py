@@ -137,8 +137,9 @@ def test_base_model_encoder(tmp_path, tiny_model, stream):
     assert snapshot(tmp_path / "s")
 
 
-def test_fast_mixed_path_matches_peft(trained_store, stream):
-    """The batched (BGMV-style) path gives PEFT's logits and PEFT's generations."""
+@pytest.mark.parametrize("dense", [True, False])
+def test_fast_mixed_path_matches_peft(trained_store, stream, dense):
+    """Both batched paths (masked dense products, per-row gathers) give PEFT's logits and PEFT's generations."""
     from switchcit.mixed import MixedLoRA
 
     cm = ContinualModel(trained_store, progress=False)
@@ -147,7 +148,7 @@ def test_fast_mixed_path_matches_peft(trained_store, stream):
     prompts = [test.prompts[i] for i in range(2) for _, test in stream] + [stream[1][1].prompts[5]] * 2
     batch = cm.tokenizer(prompts, return_tensors="pt", padding=True)
     assert MixedLoRA.supports(cm.model, cm.task_names)
-    mixed = MixedLoRA(cm.model, cm.task_names)
+    mixed = MixedLoRA(cm.model, cm.task_names, dense=dense)
     with torch.no_grad():
         reference = cm.model(**batch, adapter_names=names).logits
         with mixed.rows(names):

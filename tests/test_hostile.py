@@ -422,34 +422,6 @@ def test_leftovers_of_killed_commands_are_swept(trained_store, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["copy", "model.tar", "unrelated.tmp"]
 
 
-def test_a_row_that_breaks_its_batch_fails_only_itself(trained_store, monkeypatch):
-    """A fault no validation foresaw (injected into generation for one prompt): the batch is retried row by row."""
-    import concurrent.futures
-
-    import httpx
-    from test_serve import AUTH, app, serve_in_thread
-
-    server = app(trained_store, max_wait_ms=200)
-    cm = server.state.engine.cm
-    real = cm.generate
-
-    def generate(prompts, *args, **kwargs):
-        if any("POISON" in p for p in prompts):
-            raise RuntimeError("poisoned row")
-        return real(prompts, *args, **kwargs)
-
-    monkeypatch.setattr(cm, "generate", generate)
-    with serve_in_thread(server) as url:
-        def ask(prompt):
-            return httpx.post(f"{url}/v1/completions", headers=AUTH, timeout=120,
-                              json={"model": "base", "prompt": prompt, "max_tokens": 2})
-        prompts = ["POISON a b", *[f"Reverse the order of these words.\n\na b {i}" for i in range(7)]]
-        with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
-            answers = list(pool.map(ask, prompts))
-    assert [r.status_code for r in answers] == [500] + [200] * 7
-    assert "poisoned row" in answers[0].json()["error"]["message"]
-
-
 def test_the_api_key_file_and_the_warning_about_ps(tmp_path, caplog):
     import argparse
 

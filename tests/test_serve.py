@@ -184,6 +184,42 @@ def test_a_task_learned_while_serving_goes_live_without_failed_requests(store_co
     assert forced["switchcit"]["task"] == "newtask"
 
 
+def test_sixteen_clients_lose_no_request_while_a_task_is_learned(store_copy, tmp_path, stream, tiny_model):
+    """16 clients x 200 requests on the continuous engine while `learn` adds a task; a sample of the answers
+    equals what the library gives the same prompt alone (batch_size=1) with the adapter the server chose."""
+    new_train = demo_stream(n_train=80, n_test=30, seed=0)[3][0]
+    data = write_jsonl(tmp_path / "new.jsonl", task_rows(new_train))
+    load = [e.prompt for _, test in stream for e in test.examples] + new_train.prompts[:30]
+    answers: list[tuple[int, str, dict]] = []
+    with serve_in_thread(app(store_copy)) as url, httpx.Client(base_url=url, headers=AUTH, timeout=300) as client:
+
+        def client_run(offset: int) -> None:
+            for i in range(200):
+                prompt = load[(offset + 16 * i) % len(load)]
+                reply = client.post("/v1/completions", json={"model": "switchcit", "prompt": prompt, "max_tokens": 2})
+                answers.append((reply.status_code, prompt, reply.json()))
+
+        with ThreadPoolExecutor(16) as pool:
+            running = [pool.submit(client_run, k) for k in range(16)]
+            learned = run_cli("learn", "--store", store_copy, "--task", "newtask", "--data", data, "--model",
+                              tiny_model, "--max-steps", "5", "-q")
+            for future in running:
+                future.result()
+        assert learned.returncode == 0, learned.stderr
+        deadline = time.monotonic() + 30
+        while "newtask" not in [m["id"] for m in client.get("/v1/models").json()["data"]]:
+            assert time.monotonic() < deadline, "the server never picked up the new task"
+            time.sleep(0.2)
+    failed = [(status, body) for status, _, body in answers if status != 200]
+    assert len(answers) == 16 * 200 and not failed, failed[:3]
+    alone = ContinualModel(store_copy, progress=False)
+    for _, prompt, body in answers[::160]:
+        task = body["switchcit"][0]["task"]
+        expected = alone.generate([prompt], [task], max_new_tokens=2, batch_size=1)[0]
+        assert body["choices"][0]["text"] == expected.output, (prompt, task)
+        assert body["usage"]["completion_tokens"] == expected.tokens
+
+
 def test_router_only_mode_forwards_to_the_adapter_by_name(server, http, trained_store, clear):
     routing = app(trained_store, api_key=None, fallback=True, upstream=server, upstream_api_key=KEY,
                   upstream_base_model="base")

@@ -1,9 +1,12 @@
-"""Mixed-adapter LoRA in one batched product per layer (the idea of Punica/S-LoRA's BGMV).
+"""Mixed-adapter LoRA: one batch, a different adapter per row, in a few plain products per layer.
 
 PEFT's mixed-adapter batches loop over the adapters present inside every LoRA layer (select rows, two
-small matmuls, scatter back). Here each layer keeps its adapters' A and B stacked once ([K+1, r, in] and
-[K+1, out, r], slot 0 all zeros for the base model); a batch gathers each row's pair and applies them
-with two `bmm`s, whatever the mix. Outputs equal PEFT's within float tolerance (tests pin this).
+small matmuls, scatter back). Here each layer keeps its adapters' A and B side by side once, A as
+[K*r, in] and B (scaled) as [out, K*r]. With up to DENSE_UP_TO adapters, every row goes through all of
+them in two ordinary matmuls and a mask keeps only the columns of its own adapter: no per-row copies
+of weights, which cost more than the extra flops of a few small ranks. With more adapters, each row's
+pair is gathered and applied with two `bmm`s (the idea of Punica/S-LoRA's BGMV). Rows of the base
+model use no adapter. Outputs equal PEFT's within float tolerance (tests pin both ways).
 """
 
 from __future__ import annotations
@@ -17,17 +20,22 @@ if TYPE_CHECKING:
     import torch
     from peft import PeftModel
 
+DENSE_UP_TO = 16  # adapters; measured on SmolLM2-135M (benchmarks/routed_generation.py), see README
+
 
 class MixedLoRA:
     """Stacked LoRA weights of a PeftModel's adapters, and a context that applies them per batch row."""
 
-    def __init__(self, model: PeftModel, adapters: list[str]):
+    def __init__(self, model: PeftModel, adapters: list[str], dense: bool | None = None):
+        """`dense`: the masked product over all adapters (default: with up to DENSE_UP_TO), else per-row gathers."""
         from peft.tuners.lora import Linear
 
         self.model = model
         self.adapters = list(adapters)
-        self.slots = {name: i + 1 for i, name in enumerate(self.adapters)}
+        self.index = {name: i for i, name in enumerate(self.adapters)}
+        self.dense = len(self.adapters) <= DENSE_UP_TO if dense is None else dense
         self.layers: list[tuple[torch.nn.Module, torch.Tensor, torch.Tensor]] = []
+        k = len(self.adapters)
         for module in model.modules():
             if not isinstance(module, Linear):
                 continue
@@ -36,14 +44,15 @@ class MixedLoRA:
                 continue
             rank = max(module.r[a] for a in present)
             weight = module.base_layer.weight
-            a_stack = weight.new_zeros(len(self.adapters) + 1, rank, module.in_features)
-            b_stack = weight.new_zeros(len(self.adapters) + 1, module.out_features, rank)
+            a_all = weight.new_zeros(k * rank, module.in_features)
+            b_all = weight.new_zeros(module.out_features, k * rank)
             for name in present:
-                slot, r = self.slots[name], module.r[name]
-                a_stack[slot, :r] = module.lora_A[name].weight.detach()
-                b_stack[slot, :, :r] = module.lora_B[name].weight.detach() * module.scaling[name]
-            self.layers.append((module, a_stack, b_stack))
-        self._rows: torch.Tensor | None = None
+                start, r = self.index[name] * rank, module.r[name]
+                a_all[start:start + r] = module.lora_A[name].weight.detach()
+                b_all[:, start:start + r] = module.lora_B[name].weight.detach() * module.scaling[name]
+            self.layers.append((module, a_all, b_all))
+        self._masks: dict[int, torch.Tensor] = {}  # dense: per rank, [rows, K*rank] ones on each row's adapter
+        self._gather: tuple[torch.Tensor, torch.Tensor] | None = None  # else: each row's adapter, and 0 for base
 
     @staticmethod
     def supports(model: PeftModel, adapters: list[str]) -> bool:
@@ -59,18 +68,27 @@ class MixedLoRA:
                     return False
         return True
 
-    def _hook(self, a_stack: torch.Tensor, b_stack: torch.Tensor):
+    def _hook(self, a_all: torch.Tensor, b_all: torch.Tensor):
         import torch
+        import torch.nn.functional as F
 
-        def add_delta(module, args, output):
-            x = args[0]
-            rows = self._rows
-            flat = x.reshape(x.shape[0], -1, x.shape[-1]).to(a_stack.dtype)
-            hidden = torch.bmm(flat, a_stack[rows].transpose(1, 2))
-            delta = torch.bmm(hidden, b_stack[rows].transpose(1, 2))
+        rank = a_all.shape[0] // len(self.adapters)
+
+        def dense(module, args, output):
+            x = args[0].to(a_all.dtype)
+            mask = self._masks[rank].view(x.shape[0], *[1] * (x.dim() - 2), -1)
+            return output + F.linear(F.linear(x, a_all) * mask, b_all).to(output.dtype)
+
+        def gathered(module, args, output):
+            x = args[0].to(a_all.dtype)
+            rows, used = self._gather
+            a = a_all.view(len(self.adapters), rank, -1)[rows]  # [rows, rank, in]
+            b = b_all.view(b_all.shape[0], len(self.adapters), rank).transpose(0, 1)[rows]  # [rows, out, rank]
+            flat = x.reshape(x.shape[0], -1, x.shape[-1])
+            delta = torch.bmm(torch.bmm(flat, a.transpose(1, 2)) * used, b.transpose(1, 2))
             return output + delta.reshape(*output.shape).to(output.dtype)
 
-        return add_delta
+        return dense if self.dense else gathered
 
     @contextmanager
     def rows(self, names: list[str]) -> Iterator[None]:
@@ -78,7 +96,16 @@ class MixedLoRA:
         import torch
 
         device = self.layers[0][1].device if self.layers else "cpu"
-        self._rows = torch.tensor([self.slots.get(n, 0) for n in names], device=device)
+        dtype = self.layers[0][1].dtype if self.layers else torch.float32
+        rows = torch.tensor([self.index.get(n, -1) for n in names], device=device)
+        used = rows >= 0
+        if self.dense:
+            one_hot = torch.zeros(len(names), len(self.adapters), dtype=dtype, device=device)
+            one_hot[used, rows[used]] = 1
+            ranks = {a.shape[0] // len(self.adapters) for _, a, _ in self.layers}
+            self._masks = {r: one_hot.repeat_interleave(r, dim=1) for r in ranks}
+        else:
+            self._gather = rows.clamp(min=0), used.to(dtype).view(-1, 1, 1)
         handles = [m.register_forward_hook(self._hook(a, b)) for m, a, b in self.layers]
         try:
             with self.model.disable_adapter():
@@ -86,4 +113,4 @@ class MixedLoRA:
         finally:
             for handle in handles:
                 handle.remove()
-            self._rows = None
+            self._masks, self._gather = {}, None

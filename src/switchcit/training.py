@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from torch.utils.data import Sampler
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -37,8 +38,28 @@ CHECKPOINTS = ".checkpoints"  # in a store: trainer checkpoints of unfinished le
 _COMPLETE = "trainer_state.json"  # the Trainer writes it last: a checkpoint without it was cut short
 
 
+class SeededOrder(Sampler):
+    """The whole run's row order, `total` indices: a seeded reshuffle per pass over the data, passes back to
+    back, so every batch is full and the order depends on the seed alone (not on the Trainer's sampler).
+    Under several processes the Trainer hands consecutive batches to consecutive processes."""
+
+    def __init__(self, rows: int, total: int, seed: int):
+        self.rows, self.total, self.seed = rows, total, seed
+
+    def __len__(self) -> int:
+        return self.total
+
+    def __iter__(self):
+        rng, left = random.Random(self.seed), self.total
+        while left > 0:
+            order = list(range(self.rows))
+            rng.shuffle(order)
+            yield from order[:left]
+            left -= len(order[:left])
+
+
 class _AnswerTrainer(Trainer):
-    """The Trainer with switchcit's loss and schedule."""
+    """The Trainer with switchcit's loss, schedule and data order."""
 
     loss_is_scaled_for_ga = True  # the loss is divided by the answer tokens of the whole accumulated batch
 
@@ -46,6 +67,11 @@ class _AnswerTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.warmup_steps = warmup_steps
         self.model_accepts_loss_kwargs = True  # so the Trainer counts the answer tokens of every batch
+
+    def _get_train_sampler(self, train_dataset=None):
+        a = self.args
+        total = a.max_steps * a.per_device_train_batch_size * a.gradient_accumulation_steps * a.world_size
+        return SeededOrder(len(train_dataset or self.train_dataset), total, a.seed)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         import torch
