@@ -214,7 +214,7 @@ def test_sixteen_clients_lose_no_request_while_a_task_is_learned(store_copy, tmp
     assert len(answers) == 16 * 200 and not failed, failed[:3]
     alone = ContinualModel(store_copy, progress=False)
     for _, prompt, body in answers[::160]:
-        task = body["switchcit"][0]["task"]
+        task = body["switchcit"]["task"]
         expected = alone.generate([prompt], [task], max_new_tokens=2, batch_size=1)[0]
         assert body["choices"][0]["text"] == expected.output, (prompt, task)
         assert body["usage"]["completion_tokens"] == expected.tokens

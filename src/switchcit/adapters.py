@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import SwitchcitError
-from .mixed import MixedLoRA
+from .mixed import MixedLoRA, adapters_off, tuner_layers
 from .models import load_base_model
 
 if TYPE_CHECKING:
@@ -34,6 +34,7 @@ class AdapterPool:
         self._loaded: dict[str, str] = {}  # task -> adapter path loaded in memory
         self._mixed: MixedLoRA | None = None
         self._mixed_key: tuple = ()
+        self._layers: tuple[tuple, list] = ((), [])  # (adapter names, the model's PEFT layers) for base_only
         self.fast_mixed = True  # batched multi-adapter LoRA (mixed.py); False: PEFT's adapter_names path
 
     @property
@@ -61,7 +62,13 @@ class AdapterPool:
     @contextmanager
     def base_only(self) -> Iterator[object]:
         """The model with every adapter switched off, for as long as the block runs."""
-        with self._peft.disable_adapter() if self._peft is not None else nullcontext():
+        if self._peft is None:
+            yield self.model
+            return
+        key = tuple(self._peft.peft_config)
+        if self._layers[0] != key:
+            self._layers = key, tuner_layers(self._peft)
+        with adapters_off(self._layers[1]):
             yield self.model
 
     def sync(self, wanted: dict[str, Path], load_missing: bool) -> None:
@@ -129,27 +136,29 @@ class AdapterPool:
 
     @contextmanager
     def rows(self, tasks: list[str]) -> Iterator[dict]:
-        """Make row i of the next forward passes use tasks[i]'s adapter: the batched fast path when the
-        adapters allow it (`fast_mixed`), else PEFT's mixed-adapter batches; yields extra `generate` kwargs."""
+        """Make row i of the next forward passes use tasks[i]'s adapter: the batched path when the adapters
+        allow it (`fast_mixed`, one adapter or many), else PEFT's own; yields extra `generate` kwargs."""
         names = [_PEFT_BASE if t == BASE else t for t in tasks]
         if self._peft is None or set(names) == {_PEFT_BASE}:
             with self.base_only():
                 yield {}
             return
-        if len(set(names)) == 1:  # one adapter for the whole batch: PEFT's own single-adapter path
+        mixed = self._mixed_lora() if self.fast_mixed else None
+        if mixed is not None:
+            with mixed.rows(names):
+                yield {}
+        elif len(set(names)) == 1:  # PEFT's single-adapter path
             self._activate(names[0])
             yield {}
-            return
-        if not self.fast_mixed:
+        else:
             yield {"adapter_names": names}
-            return
-        key = tuple(self._loaded.items())  # rebuilt whenever an adapter is added, replaced or removed
+
+    def _mixed_lora(self) -> MixedLoRA | None:
+        """The stacked weights of the loaded adapters, rebuilt whenever one is added, replaced or removed;
+        None when some adapter is not plain LoRA."""
+        key = tuple(self._loaded.items())
         if self._mixed_key != key:
             loaded = list(self._loaded)
             self._mixed = MixedLoRA(self._peft, loaded) if MixedLoRA.supports(self._peft, loaded) else None
             self._mixed_key = key
-        if self._mixed is None:
-            yield {"adapter_names": names}
-            return
-        with self._mixed.rows(names):
-            yield {}
+        return self._mixed

@@ -66,15 +66,17 @@ class Sequence:
 
 @dataclass(eq=False)
 class _Rows:
-    """Sequences sharing a left-padded cache: `mask` [rows, width] (1 on real tokens), `kv` per layer."""
+    """Sequences sharing a left-padded cache: `mask` [rows, width] (1 on real tokens), and per layer key and
+    value buffers [rows, heads, room, dim] of which the first `past` columns are filled."""
 
     seqs: list[Sequence]
     mask: torch.Tensor
-    kv: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # [rows, heads, past, dim]
+    kv: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    past: int = 0
 
     @property
-    def past(self) -> int:
-        return self.kv[0][0].shape[2] if self.kv else 0
+    def filled(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(k[:, :, :self.past], v[:, :, :self.past]) for k, v in self.kv]
 
     def select(self, keep: list[int]) -> None:
         import torch
@@ -90,6 +92,7 @@ class _Rows:
         if first:
             self.mask = self.mask[:, first:]
             self.kv = [(k[:, :, first:], v[:, :, first:]) for k, v in self.kv]
+            self.past -= first
 
 
 @dataclass(eq=False)
@@ -206,7 +209,7 @@ class Batcher:
         self._advance(p, logits)
         if not p.seqs:
             return
-        rows = _Rows(p.seqs, p.mask, p.kv)
+        rows = _Rows(p.seqs, p.mask, p.kv, p.past)
         if self._running is None:
             self._running = rows
         else:
@@ -231,7 +234,7 @@ class Batcher:
 
         mask = rows.mask[:, :rows.past + ids.shape[1]]
         try:
-            logits, rows.kv = self._call(rows.seqs, ids, mask, positions, rows.kv)
+            logits, rows.kv, rows.past = self._call(rows.seqs, ids, mask, positions, rows.kv, rows.past)
             return logits
         except Exception as exc:
             if len(rows.seqs) == 1:
@@ -241,8 +244,9 @@ class Batcher:
         for i, seq in enumerate(list(rows.seqs)):
             one = slice(i, i + 1)
             try:
-                parts.append(self._call([seq], ids[one], mask[one], positions[one],
-                                        [(k[one], v[one]) for k, v in rows.kv]))
+                logits, kv, past = self._call([seq], ids[one], mask[one], positions[one],
+                                              [(k[one], v[one]) for k, v in rows.kv], rows.past)
+                parts.append((logits, [(k[:, :, :past], v[:, :, :past]) for k, v in kv]))
                 ok.append(i)
             except Exception as exc:
                 seq.error = exc
@@ -251,6 +255,7 @@ class Batcher:
         rows.select(ok)
         rows.kv = [(torch.cat(ks), torch.cat(vs)) for ks, vs in
                    (zip(*layer) for layer in zip(*(kv for _, kv in parts)))] if parts else []
+        rows.past = rows.kv[0][0].shape[2] if rows.kv else 0
         self._settle(rows)
         for seq in failed:
             log.error("generation failed for one sequence", exc_info=seq.error)
@@ -258,12 +263,14 @@ class Batcher:
         return torch.cat([logits for logits, _ in parts]) if parts else None
 
     def _call(self, seqs: list[Sequence], ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-              kv: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, list]:
-        cache = _cache(kv)
+              kv: list[tuple[torch.Tensor, torch.Tensor]], past: int) -> tuple[torch.Tensor, list, int]:
+        """Last-column logits, and the cache's buffers and filled length after this forward."""
+        cache = _cache(kv, past)
         with self.pool.rows([s.task for s in seqs]) as kwargs:
             out = self.pool.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                                   logits_to_keep=1, **{self._cache_kwarg: cache}, **kwargs)
-        return out.logits[:, -1], [(layer.keys, layer.values) for layer in cache.layers]
+        buffers = [getattr(layer, "buffers", (layer.keys, layer.values)) for layer in cache.layers]
+        return out.logits[:, -1], buffers, past + ids.shape[1]
 
     def _advance(self, rows: _Rows, logits: torch.Tensor) -> None:
         """Append each row's greedy token, send its new text, and retire the rows that are done."""
@@ -325,22 +332,19 @@ def _joined(a: _Rows, b: _Rows) -> _Rows:
     def pad(rows: _Rows) -> tuple[torch.Tensor, list]:
         left = width - rows.past
         return F.pad(rows.mask, (left, 0)), [(F.pad(k, (0, 0, left, 0)), F.pad(v, (0, 0, left, 0)))
-                                             for k, v in rows.kv]
+                                             for k, v in rows.filled]
 
     (mask_a, kv_a), (mask_b, kv_b) = pad(a), pad(b)
     return _Rows(a.seqs + b.seqs, torch.cat([mask_a, mask_b]),
-                 [(torch.cat([ka, kb]), torch.cat([va, vb])) for (ka, va), (kb, vb) in zip(kv_a, kv_b)])
+                 [(torch.cat([ka, kb]), torch.cat([va, vb])) for (ka, va), (kb, vb) in zip(kv_a, kv_b)], width)
 
 
-def _cache(kv: list[tuple[torch.Tensor, torch.Tensor]]):
-    """A DynamicCache around our tensors, without copying them."""
+def _cache(kv: list[tuple[torch.Tensor, torch.Tensor]], past: int):
+    """A DynamicCache over our buffers, without copying them; empty, the model makes its own layers."""
     from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
+
+    from .kvcache import AppendingLayer
 
     cache = DynamicCache()
-    for keys, values in kv:
-        layer = DynamicLayer()
-        layer.lazy_initialization(keys, values)
-        layer.keys, layer.values = keys, values
-        cache.layers.append(layer)
+    cache.layers.extend(AppendingLayer(keys, values, past) for keys, values in kv)
     return cache
