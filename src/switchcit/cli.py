@@ -120,7 +120,7 @@ def cmd_learn(args) -> None:
     task = Task(args.task, load_examples(args.data))
     if args.eval_data and expert.eval_fraction:
         raise SwitchcitError("give --eval-data or --eval-fraction, not both")
-    eval_examples = Task(args.task, load_examples(args.eval_data)).examples if args.eval_data else None
+    eval_examples = load_examples(args.eval_data) if args.eval_data else None
     store = Store(args.store)
     ours = {"logs", *KINDS}  # what a first learn that was interrupted can leave; the next commit sweeps it
     if not store.exists() and store.root.exists() and any(p.name not in ours and not p.name.startswith(".")

@@ -103,9 +103,9 @@ class ContinualModel:
         features = self.encoder.encode(task.prompts) if rank == 0 else None
         torch.manual_seed(config.seed)  # LoRA A matrices are initialised at random: same seed, same adapter
         with self.adapters.training(config.lora()) as peft:
-            run = store_run(self.store, task, config, self.base_reference)
             stats = train_expert(peft, TRAINING, task.examples, self.tokenizer, config, self.progress,
-                                 f"learn {task.name}", eval_examples=eval_examples, resume=resume, **run)
+                                 f"learn {task.name}", eval_examples=eval_examples, resume=resume,
+                                 **store_run(self.store, task, config, self.base_reference))
             if rank > 0:  # data-parallel helpers train; only the first process writes the store
                 return None
             with self.store.lock(create=True):
@@ -113,9 +113,7 @@ class ContinualModel:
                     self.base_reference, fingerprint(self.adapters.base), self.encoder_reference, features.shape[1],
                     self.memory_config.fraction, self.memory_config.min_per_task, self.switch_config.kind)
                 self._check_store(task.name, replace)
-                trained = run["run_dir"] / "trained" / TRAINING
-                entry = write_task(self.store, trained, task, features, stats, config, self.memory_config,
-                                   self.switch_config)
+                entry = write_task(self.store, task, features, stats, config, self.memory_config, self.switch_config)
                 tasks = [*[t for t in self.tasks if t.name != task.name], entry]
                 self.manifest, self._switch = commit(self.store, self.manifest, tasks, self.switch_config,
                                                      {task.name: features})

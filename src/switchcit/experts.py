@@ -124,14 +124,17 @@ def data_parallel() -> tuple[int, int]:
 def train_expert(model: PeftModel, adapter_name: str, examples: list[Example], tokenizer: PreTrainedTokenizerBase,
                  config: ExpertConfig, progress: bool = True, desc: str | None = None, **run) -> dict:
     """Train `adapter_name` (already added to `model`) on `examples`; every other weight stays frozen.
-    `run`: eval data, checkpoints and logs (training.train)."""
+    `run`: eval data, checkpoints and logs (training.train). With a saved result, `adapter` is its PEFT folder."""
     from .training import train
 
     model.set_adapter(adapter_name)
     for name, param in model.named_parameters():
         param.requires_grad = f".{adapter_name}." in name and "lora_" in name
     try:
-        return train(model, examples, tokenizer, config, progress=progress, desc=desc or f"learn {adapter_name}",
-                     **run)
+        stats = train(model, examples, tokenizer, config, progress=progress, desc=desc or f"learn {adapter_name}",
+                      **run)
     finally:
         model.requires_grad_(False)
+    if stats["saved"] is not None:  # PEFT saves an adapter not named 'default' in a folder of its name
+        stats["adapter"] = stats["saved"] / adapter_name if adapter_name != "default" else stats["saved"]
+    return stats

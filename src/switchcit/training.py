@@ -184,8 +184,8 @@ def train(model, examples: list[Example], tokenizer: PreTrainedTokenizerBase, co
     """Train the parameters of `model` that require grad on `examples`; loss on answer tokens only.
 
     `run_dir`: the trainer's folder; with `save`, checkpoints go there and, at the end, the trained weights
-    (RUN_DIR/trained). `resume` continues from its newest checkpoint. Returns the optimizer steps, the final
-    training loss and, with eval data, the last eval loss."""
+    (`saved` in the result). `resume` continues from its newest checkpoint. Returns the optimizer steps, the
+    final training loss and, with eval data, the last eval loss."""
     import torch
     from transformers import TrainingArguments
 
@@ -234,7 +234,7 @@ def train(model, examples: list[Example], tokenizer: PreTrainedTokenizerBase, co
         trainer.train(resume_from_checkpoint=str(start[0]) if start else None)
         eval_loss = trainer.evaluate()["eval_loss"] if evals else None
         if save:  # every process takes part: FSDP and ZeRO-3 gather the sharded weights here
-            trainer.save_model(str(run_dir / "trained"))
+            trainer.save_model(str(run_dir / "trained"))  # PEFT: a folder per adapter not named 'default'
     finally:
         model.eval()
         if config.gradient_checkpointing:
@@ -243,7 +243,7 @@ def train(model, examples: list[Example], tokenizer: PreTrainedTokenizerBase, co
             getattr(getattr(callback, "tb_writer", None), "close", lambda: None)()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     return {"steps": trainer.state.global_step, "final_loss": losses[-1] if losses else float("nan"),
-            "eval_loss": eval_loss}
+            "eval_loss": eval_loss, "saved": run_dir / "trained" if save else None}
 
 
 def store_run(store: Store, task: Task, config: ExpertConfig, base: str) -> dict:

@@ -13,8 +13,6 @@ from .memory import MemoryConfig, build_switch, remember
 from .store import Manifest, Store, TaskEntry, now
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     import torch
 
     from .data import Task
@@ -23,13 +21,13 @@ if TYPE_CHECKING:
     from .switch import Switch, SwitchConfig
 
 
-def write_task(store: Store, trained: Path, task: Task, features: torch.Tensor, stats: dict,
-               expert: ExpertConfig, memory: MemoryConfig, switch: SwitchConfig) -> TaskEntry:
-    """Move the just-trained adapter (a plain PEFT folder the trainer saved inside the store) into place and
-    save the task's memory; returns its manifest entry."""
+def write_task(store: Store, task: Task, features: torch.Tensor, stats: dict, expert: ExpertConfig,
+               memory: MemoryConfig, switch: SwitchConfig) -> TaskEntry:
+    """Move the just-trained adapter (`stats["adapter"]`, a plain PEFT folder the trainer saved inside the
+    store) into place and save the task's memory; returns its manifest entry."""
     adapter = store.fresh("adapters", task.name)
     store.path(adapter).parent.mkdir(parents=True, exist_ok=True)
-    trained.rename(store.path(adapter))
+    stats["adapter"].rename(store.path(adapter))
     memory_path = store.fresh("memory", task.name, ".safetensors")
     remember(features, memory, switch, task.wordings).save(store.path(memory_path))
     return TaskEntry(task.name, adapter, memory_path, len(task.examples), memory.size_for(len(features)),
