@@ -10,7 +10,7 @@ from test_bench import parse
 
 from switchcit import BASE, ContinualModel, SwitchcitError, SwitchConfig, Task
 from switchcit.bench.routing import RoutingConfig, encode_stream, memories_for
-from switchcit.bench.streams import load_stream
+from switchcit.bench.streams import SHAPES, load_stream
 from switchcit.gaussian import GaussianSwitch, TaskStats, threshold_ratio, wording_folds
 from switchcit.memory import MemoryConfig, TaskMemory, build_switch, remember
 
@@ -91,16 +91,23 @@ def test_routing_benchmark_on_the_demo_stream(tmp_path):
     report = json.loads((out / "routing.json").read_text())
     assert report["default"] == SwitchConfig().kind == "gaussian"
     assert set(report["routers"]) == {"gaussian", "mlp", "centroid", "knn"}
-    keys = {"seen", "unseen", "leave_one_wording_out", "false_rejection_lowo", "unknown_caught",
-            "unknown_caught_demo", "false_rejection_seen", "false_rejection_unseen", "auroc", "joint_seen",
-            "joint_unseen"}
+    keys = {"shape", "seen", "unseen", "reworded", "reworded_by_task", "leave_one_wording_out",
+            "false_rejection_lowo", "unknown_caught", "unknown_caught_demo", "unknown_caught_general",
+            "false_rejection_seen", "false_rejection_unseen", "false_rejection_reworded", "auroc", "auroc_general",
+            "joint_seen", "joint_unseen"}
+    assert list(report["shapes"]) == list(SHAPES) and report["shapes"]["as_built"]["routers"] == report["routers"]
+    inline = report["shapes"]["inline"]["routers"]["gaussian"]["stages"]
+    assert {s["shape"] for s in inline} == {"inline"}
+    assert inline[-1]["leave_one_wording_out"] is None  # inline rows say nothing of their wording
     for name, r in report["routers"].items():
         assert len(r["stages"]) == 4
         for k, stage in enumerate(r["stages"], 1):
             assert set(stage) == keys
             assert 0 <= stage["seen"] <= 100 and stage["unseen"] is None  # the demo has no unseen wordings
-            assert 0 <= stage["leave_one_wording_out"] <= 100  # every demo task has four wordings
+            assert stage["reworded"] is None  # nor rewordings
             has_fallback = name in ("gaussian", "mlp")
+            assert (stage["unknown_caught_general"] is not None) == has_fallback
+            assert 0 <= stage["leave_one_wording_out"] <= 100  # every demo task has four wordings
             assert (stage["unknown_caught"] is not None) == (has_fallback and k < 4)
             assert (stage["auroc"] is not None) == (has_fallback and k < 4)
     gaussian = report["routers"]["gaussian"]["stages"]
@@ -163,3 +170,23 @@ def test_learn_calibrates_on_the_wordings_of_alpaca_rows(tmp_path, tiny_model, s
     by_rows = threshold_ratio(features, config.unknown_shrinkage, config.false_rejection, 0, None)
     assert by_wording != by_rows
     assert TaskMemory.load(path).ratio == pytest.approx(by_wording, rel=1e-5)
+
+
+@pytest.mark.parametrize("rows", [2, 3, 5, 10])
+def test_a_task_of_a_few_rows_swallows_no_unknown_requests(rows):
+    """A handful of rows cannot calibrate a region: the task gets the usual ratio, not one without bound."""
+    g = torch.Generator().manual_seed(rows)
+    dim, config = 32, SwitchConfig()
+    axis = torch.eye(dim)
+    big = torch.randn(200, dim, generator=g) + 6 * axis[0]
+    tiny = torch.randn(rows, dim, generator=g) * 0.3 + 6 * axis[1]
+    tiny[-1] = tiny[0]  # a duplicate row, as users' handful of examples have
+    probes = torch.randn(50, dim, generator=g) - 6 * axis[0]  # requests of neither task
+    stats = {"big": TaskStats.of(big), "tiny": TaskStats.of(tiny)}
+    ratios = {t: threshold_ratio(x, config.unknown_shrinkage, config.false_rejection) for t, x in
+              (("big", big), ("tiny", tiny))}
+    assert ratios["tiny"] < 100  # three rows gave 1e11, ten rows 30-145 before
+    switch = GaussianSwitch.fit(stats, ratios, config.shrinkage, config.unknown_shrinkage)
+    without = GaussianSwitch.fit({"big": stats["big"]}, ratios, config.shrinkage, config.unknown_shrinkage)
+    assert (switch.unknown_score(probes) > 1).all() and (without.unknown_score(probes) > 1).all()
+    assert (switch.unknown_score(big) <= 1).float().mean() >= 0.9  # the big task's region is not narrowed away

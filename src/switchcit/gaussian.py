@@ -83,9 +83,18 @@ def wording_folds(wordings: list[str | None] | None) -> list[list[int]] | None:
     return list(groups.values()) if 2 <= len(groups) <= len(wordings) / 2 else None
 
 
+CALIBRATION_ROWS = 16  # fewest rows whose folds each leave a covariance with some spread
+FEW_ROWS_RATIO = 12.0  # the ratio of a task with fewer rows
+
+
 def threshold_ratio(features: torch.Tensor, shrinkage: float, false_rejection: float, seed: int = 0,
                     wordings: list[str | None] | None = None, folds: int = 5) -> float:
     """How far a new prompt of this task may lie from its mean, as a multiple of the mean in-sample distance.
+
+    A task of fewer than `CALIBRATION_ROWS` rows cannot be refitted without a fold: a covariance of one or two
+    rows has no spread, so held-out distances over it grow without bound (a ratio of 1e11 for two rows made
+    such a task's region swallow every request). It gets `FEW_ROWS_RATIO` instead, about what tasks of many
+    rows get, so a task learned from a handful of examples is held no wider than any other.
 
     Each wording of the task (or, where the rows do not say, each of `folds` random folds) is held out in
     turn and measured against the task refitted without it; the ratio
@@ -95,6 +104,8 @@ def threshold_ratio(features: torch.Tensor, shrinkage: float, false_rejection: f
     """
     import torch
 
+    if len(features) < CALIBRATION_ROWS:
+        return FEW_ROWS_RATIO
     by_wording = wording_folds(wordings)
     if by_wording is not None:
         splits = [torch.tensor(g) for g in by_wording]

@@ -11,9 +11,10 @@ from ..encoders import DEFAULT_ENCODER
 from ..errors import SwitchcitError
 from .methods import METHODS
 from .routing import ROUTING_ROUTERS
+from .streams import SHAPES
 from .studies import MEMORY_PERCENTS, STUDY_ROUTERS, StudyConfig
 
-DEFAULT_CIT_DIR = Path("..") / "shared" / "data" / "cit"
+DEFAULT_DATA_DIRS = {name: Path("..") / "shared" / "data" / name for name in ("cit", "bigbench")}
 ROUTING_EVAL_EXAMPLES = 300
 
 # Settings without a preset, sized for the CIT stream on the embedded 135M model. One LoRA step (batch 4)
@@ -35,10 +36,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                               "task seen so far. Writes results.json, report.md and plots to --out; rerunning with "
                               "the same --out resumes where a run stopped.")
     p.add_argument("--stream", default=None,
-                   help="demo, cit, or a folder of <task>.jsonl files with a stream.json (default: the preset's, "
-                        "else demo)")
-    p.add_argument("--data-dir", default=None, help="CIT data folder (default: ../shared/data/cit when it exists, "
-                   "else Hugging Face datasets)")
+                   help="demo, cit, bigbench (48 BIG-bench tasks, read in place), or a folder of <task>.jsonl files "
+                        "with a stream.json (default: the preset's, else demo)")
+    p.add_argument("--data-dir", default=None, help="CIT or BIG-bench data folder (default: ../shared/data/cit or "
+                   "../shared/data/bigbench when it exists; for cit, else Hugging Face datasets)")
     p.add_argument("--out", required=True, help="run folder (RUN_DIR)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None)
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated (default: {','.join(METHODS)})")
@@ -68,6 +69,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--routing-only", action="store_true",
                    help="measure routing alone, stage by stage (no LoRA training, no generation; minutes): writes "
                         "routing.json, report.md and routing.png to --out")
+    p.add_argument("--shapes", default=",".join(SHAPES),
+                   help="shapes of the training rows --routing-only measures, comma-separated: as_built (as the "
+                        "stream builds them), inline (the whole prompt as instruction), one_wording (one wording per "
+                        f"task) (default: {','.join(SHAPES)})")
     p.add_argument("--routing-routers", default=",".join(ROUTING_ROUTERS),
                    help=f"routers of --routing-only, comma-separated (default: {','.join(ROUTING_ROUTERS)})")
     p.add_argument("--encoder", default=DEFAULT_ENCODER,
@@ -84,11 +89,11 @@ def _settings(args) -> dict:
 
 
 def _data_dir(args, stream: str) -> str | None:
-    if stream != "cit":
+    if stream not in DEFAULT_DATA_DIRS:
         return None
     if args.data_dir:
         return args.data_dir  # recorded as given: an absolute path would name the machine that ran it
-    return str(DEFAULT_CIT_DIR) if DEFAULT_CIT_DIR.is_dir() else None
+    return str(DEFAULT_DATA_DIRS[stream]) if DEFAULT_DATA_DIRS[stream].is_dir() else None
 
 
 def _tiny_model(out: Path, stream) -> str:
@@ -128,7 +133,12 @@ def cmd_routing(args) -> None:
     eval_examples = args.eval_examples or ROUTING_EVAL_EXAMPLES
     config = RoutingConfig(routers=_list(args.routing_routers), encoder=args.encoder)
     config.check()
-    stream = load_stream(s["stream"], _data_dir(args, s["stream"]), s["train_examples"], eval_examples, s["seed"])
+    shapes = _list(args.shapes)
+    unknown = [x for x in shapes if x not in SHAPES]
+    if unknown or not shapes:
+        raise SwitchcitError(f"--shapes {unknown or '(none)'}: choose from {', '.join(SHAPES)}")
+    streams = {shape: load_stream(s["stream"], _data_dir(args, s["stream"]), s["train_examples"], eval_examples,
+                                  s["seed"], shape) for shape in shapes}
     from ..adapters import AdapterPool
     from ..models import DEFAULT_MODEL, resolve_device
 
@@ -137,14 +147,16 @@ def cmd_routing(args) -> None:
     encoder = load_encoder(args.encoder, pool, device)
     out = Path(args.out)
     command = "switchcit " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else None
-    report = run_routing(stream, encoder.encode, config, out, progress=not args.quiet, command=command)
-    print(f"switchcit bench --routing-only: {len(report['routers'])} router(s) on {len(stream.tasks)} tasks in "
-          f"{report['config']['seconds']:.0f} s; results in {out / 'routing.json'}, report in {out / 'report.md'}")
-    for name, r in report["routers"].items():
-        last = r["stages"][-1]
-        cells = "  ".join(f"{k} {'-' if last[k] is None else last[k]}" for k in
-                          ("seen", "unseen", "leave_one_wording_out", "false_rejection_unseen"))
-        print(f"  {name:<9} last stage: {cells}")
+    report = run_routing(streams, encoder.encode, config, out, progress=not args.quiet, command=command)
+    print(f"switchcit bench --routing-only: {len(report['routers'])} router(s) on {len(report['config']['tasks'])} "
+          f"tasks in {report['config']['seconds']:.0f} s; results in {out / 'routing.json'}, report in "
+          f"{out / 'report.md'}")
+    for shape, by_router in report["shapes"].items():
+        for name, r in by_router["routers"].items():
+            last = r["stages"][-1]
+            cells = "  ".join(f"{k} {'-' if last[k] is None else last[k]}" for k in
+                              ("seen", "unseen", "reworded", "false_rejection_reworded", "unknown_caught_general"))
+            print(f"  {shape:<11} {name:<9} last stage: {cells}")
 
 
 def cmd_bench(args) -> None:

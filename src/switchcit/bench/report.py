@@ -238,10 +238,14 @@ def write_report(results: dict, out: Path) -> None:
     plot(results, out)
 
 
-ROUTING_COLUMNS = (("seen", "seen"), ("unseen", "unseen"), ("leave_one_wording_out", "leave one wording out"),
+ROUTING_COLUMNS = (("seen", "seen"), ("unseen", "unseen"), ("reworded", "reworded"),
+                   ("leave_one_wording_out", "leave one wording out"),
                    ("unknown_caught", "unknown caught"), ("unknown_caught_demo", "other stream caught"),
-                   ("auroc", "AUROC"), ("false_rejection_seen", "false rejection seen"),
+                   ("unknown_caught_general", "general requests caught"),
+                   ("auroc", "AUROC"), ("auroc_general", "AUROC general"),
+                   ("false_rejection_seen", "false rejection seen"),
                    ("false_rejection_unseen", "false rejection unseen"),
+                   ("false_rejection_reworded", "false rejection reworded"),
                    ("false_rejection_lowo", "false rejection left-out wording"), ("joint_seen", "joint seen"),
                    ("joint_unseen", "joint unseen"))
 
@@ -252,7 +256,7 @@ def _mean(values: list) -> float | None:
 
 
 def _routing_cell(column: str, value: float | None) -> str:
-    return f"{value:.3f}" if column == "auroc" and value is not None else _cell(value)
+    return f"{value:.3f}" if column.startswith("auroc") and value is not None else _cell(value)
 
 
 def render_routing(report: dict) -> str:
@@ -273,7 +277,21 @@ def render_routing(report: dict) -> str:
         lines += _table(["router", *[name for _, name in ROUTING_COLUMNS]],
                         [[f"`{name}`", *[_routing_cell(c, row[c]) for c in cells]] for name, row in picked.items()])
         lines.append("")
-    lines += ["## Accuracy on training wordings after each stage (incremental / joint)", ""]
+    lines += ["## After the last stage, per shape of the training rows", "",
+              "as_built: instruction and input apart where the stream has them; inline: the whole prompt as the "
+              "instruction; one_wording: one wording per task.", ""]
+    lines += _table(["shape", "router", *[name for _, name in ROUTING_COLUMNS]],
+                    [[shape, f"`{name}`", *[_routing_cell(c, r["stages"][-1][c]) for c in cells]]
+                     for shape, by in report.get("shapes", {}).items() for name, r in by["routers"].items()])
+    reworded = {(shape, name): r["stages"][-1].get("reworded_by_task") or {}
+                for shape, by in report.get("shapes", {}).items() for name, r in by["routers"].items()}
+    reworded_tasks = list(dict.fromkeys(t for by_task in reworded.values() for t in by_task))
+    if reworded_tasks:
+        lines += ["", "## Rewordings routed to their task after the last stage, per task", ""]
+        lines += _table(["shape", "router", *reworded_tasks],
+                        [[shape, f"`{name}`", *[_cell(by_task.get(t)) for t in reworded_tasks]]
+                         for (shape, name), by_task in reworded.items()])
+    lines += ["", "## Accuracy on training wordings after each stage (incremental / joint)", ""]
     lines += _table(["router", *[f"after {t}" for t in config["tasks"]]],
                     [[f"`{name}`", *[f"{_cell(s['seen'])} / {_cell(s['joint_seen'])}" for s in r["stages"]]]
                      for name, r in routers.items()])

@@ -8,16 +8,21 @@ stores; 'centroid' and 'knn' are training-free classifiers over the same memory,
 
 At every stage k (tasks 1..k learned) each router is scored, on 0-100, fallback on (a known-task
 prompt sent to base is a miss):
-- seen / unseen: test prompts of the learned tasks in training wordings / in the stream's unseen wordings;
+- seen / unseen / reworded: test prompts of the learned tasks in training wordings / in the stream's unseen
+  wordings / in switchcit's own rewordings (`data/rewordings.json`; nothing is fitted on them);
 - leave_one_wording_out: for each learned task with several training wordings, the task relearned
   without one wording, tested on that wording's training prompts;
 - unknown_caught: prompts of the stream's later tasks sent to base (the demo stream's prompts for
-  unknown_caught_demo), and the AUROC of the unknown score separating them from known prompts;
-- false_rejection_seen / _unseen / _lowo: known-task prompts sent to base (training wordings, unseen
-  wordings, left-out wordings);
+  unknown_caught_demo, everyday requests of `data/general_requests.txt` for unknown_caught_general), and
+  the AUROC of the unknown score separating them from known prompts;
+- false_rejection_seen / _unseen / _reworded / _lowo: known-task prompts sent to base (training wordings,
+  unseen wordings, rewordings, left-out wordings);
 - joint_seen / joint_unseen: the same router fitted at stage k on all data of tasks 1..k at once (the
   MLP on every feature instead of the retained memory; the Gaussian switch is the same by construction);
   the gap to `seen` / `unseen` is the switch's own forgetting.
+
+Every figure is measured for each shape of the training rows (`streams.SHAPES`): as the stream builds them,
+the whole prompt as one instruction, one wording per task; each stage row names its `shape`.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ if TYPE_CHECKING:
     import torch
 
 ROUTING_ROUTERS = (*ROUTERS, "centroid", "knn")
+GENERAL_REQUESTS = Path(__file__).parent / "data" / "general_requests.txt"
 # multiples of each router's own fallback threshold, for the trade-off curve (1.0 is the router as configured)
 CURVE = (0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.2, 1.3, 1.5, 2.0)
 
@@ -65,7 +71,9 @@ class Features:
     wordings: dict[str, list[str | None]]
     seen: dict[str, torch.Tensor]
     unseen: dict[str, torch.Tensor]
+    reworded: dict[str, torch.Tensor]
     others: torch.Tensor  # the demo stream's prompts (or, for the demo stream itself, its unknown prompts)
+    general: torch.Tensor  # everyday requests of no benchmark task
 
 
 def other_prompts(stream: Stream) -> list[str]:
@@ -75,6 +83,12 @@ def other_prompts(stream: Stream) -> list[str]:
     if stream.name == "demo":
         return unseen_prompts()
     return [e.prompt for t in demo(200, 30, 0).tasks for e in t.seen]
+
+
+def general_requests() -> list[str]:
+    """Everyday requests of no task (one per line; a literal \\n stands for a line break)."""
+    lines = GENERAL_REQUESTS.read_text(encoding="utf-8").splitlines()
+    return [line.replace("\\n", "\n") for line in lines if line.strip() and not line.startswith("#")]
 
 
 def encode_stream(stream: Stream, encode: Callable[[list[str]], torch.Tensor], cache: Path | None) -> Features:
@@ -87,7 +101,9 @@ def encode_stream(stream: Stream, encode: Callable[[list[str]], torch.Tensor], c
     groups = {f"train/{t.name}": t.train.prompts for t in stream.tasks}
     groups.update({f"seen/{t.name}": [e.prompt for e in t.seen] for t in stream.tasks})
     groups.update({f"unseen/{t.name}": [e.prompt for e in t.unseen] for t in stream.tasks if t.unseen})
+    groups.update({f"reworded/{t.name}": [e.prompt for e in t.reworded] for t in stream.tasks if t.reworded})
     groups["others"] = other_prompts(stream)
+    groups["general"] = general_requests()
     key = hashlib.sha256(json.dumps(groups, sort_keys=True).encode()).hexdigest()[:16]
     path = cache / f"features-{key}.safetensors" if cache else None
     if path and path.exists():
@@ -101,7 +117,9 @@ def encode_stream(stream: Stream, encode: Callable[[list[str]], torch.Tensor], c
     return Features({t.name: tensors[f"train/{t.name}"] for t in stream.tasks},
                     {t.name: t.train.wordings for t in stream.tasks},
                     {t.name: tensors[f"seen/{t.name}"] for t in stream.tasks},
-                    {t.name: tensors.get(f"unseen/{t.name}", empty) for t in stream.tasks}, tensors["others"])
+                    {t.name: tensors.get(f"unseen/{t.name}", empty) for t in stream.tasks},
+                    {t.name: tensors.get(f"reworded/{t.name}", empty) for t in stream.tasks},
+                    tensors["others"], tensors["general"])
 
 
 class Fitted:
@@ -193,7 +211,7 @@ def leave_one_wording_out(kind: str, features: Features, learned: list[str], con
 
 
 def score_stage(kind: str, features: Features, order: list[str], k: int, config: RoutingConfig,
-                memories: dict[str, TaskMemory]) -> tuple[dict, dict]:
+                memories: dict[str, TaskMemory], shape: str = "as_built") -> tuple[dict, dict]:
     """Stage k's row for one router, and the raw unknown scores for the trade-off curve."""
     import torch
 
@@ -201,23 +219,32 @@ def score_stage(kind: str, features: Features, order: list[str], k: int, config:
     fitted = Fitted(kind, memories, {learned[-1]: features.train[learned[-1]]}, config)
     seen = {t: features.seen[t] for t in learned}
     unseen = {t: features.unseen[t] for t in learned if len(features.unseen[t])}
+    reworded = {t: features.reworded[t] for t in learned if len(features.reworded[t])}
     seen_right, seen_rejected = _accuracy(fitted, seen)
     unseen_right, unseen_rejected = _accuracy(fitted, unseen)
+    reworded_right, reworded_rejected = _accuracy(fitted, reworded)
     unknown = torch.cat([features.seen[t] for t in later]) if later else features.others[:0]
     lowo, lowo_rejected, lowo_scores = leave_one_wording_out(kind, features, learned, config, memories)
     joint = Fitted(kind, memories, {t: features.train[t] for t in learned}, config)
-    row = {"seen": seen_right, "unseen": unseen_right, "leave_one_wording_out": lowo,
-           "false_rejection_lowo": lowo_rejected, "unknown_caught": None, "unknown_caught_demo": None,
-           "false_rejection_seen": None, "false_rejection_unseen": None, "auroc": None,
+    row = {"shape": shape, "seen": seen_right, "unseen": unseen_right, "reworded": reworded_right,
+           "reworded_by_task": {t: _accuracy(fitted, {t: x})[0] for t, x in reworded.items()},
+           "leave_one_wording_out": lowo, "false_rejection_lowo": lowo_rejected, "unknown_caught": None,
+           "unknown_caught_demo": None, "unknown_caught_general": None, "false_rejection_seen": None,
+           "false_rejection_unseen": None, "false_rejection_reworded": None, "auroc": None, "auroc_general": None,
            "joint_seen": _accuracy(joint, seen)[0], "joint_unseen": _accuracy(joint, unseen)[0]}
     if fitted.router is not None:  # a training-free router has no fallback: nothing is ever sent to base
         return row, {}
     scores = {"seen": fitted.score(torch.cat(list(seen.values()))), "others": fitted.score(features.others),
+              "general": fitted.score(features.general),
               "unseen": fitted.score(torch.cat(list(unseen.values()))) if unseen else None,
+              "reworded": fitted.score(torch.cat(list(reworded.values()))) if reworded else None,
               "unknown": fitted.score(unknown) if len(unknown) else None, "lowo": lowo_scores}
-    known = torch.cat([s for s in (scores["seen"], scores["unseen"]) if s is not None])
+    known = torch.cat([s for s in (scores["seen"], scores["unseen"], scores["reworded"]) if s is not None])
+    caught = {name: _share(sum(r == BASE for r in fitted.route(x)), len(x))
+              for name, x in (("demo", features.others), ("general", features.general))}
     row.update(false_rejection_seen=seen_rejected, false_rejection_unseen=unseen_rejected,
-               unknown_caught_demo=_share(sum(r == BASE for r in fitted.route(features.others)), len(features.others)))
+               false_rejection_reworded=reworded_rejected, unknown_caught_demo=caught["demo"],
+               unknown_caught_general=caught["general"], auroc_general=auroc(scores["general"], known))
     if len(unknown):
         row.update(unknown_caught=_share(sum(r == BASE for r in fitted.route(unknown)), len(unknown)),
                    auroc=auroc(scores["unknown"], known))
@@ -232,38 +259,51 @@ def tradeoff(raws: list[dict]) -> list[dict]:
         return round(sum(values) / len(values), 2) if values else None
 
     return [{"multiplier": m, "unknown_caught": above("unknown", m), "unknown_caught_demo": above("others", m),
-             "false_rejection_seen": above("seen", m), "false_rejection_unseen": above("unseen", m),
+             "unknown_caught_general": above("general", m), "false_rejection_seen": above("seen", m),
+             "false_rejection_unseen": above("unseen", m), "false_rejection_reworded": above("reworded", m),
              "false_rejection_lowo": above("lowo", m)} for m in CURVE]
 
 
-def run_routing(stream: Stream, encode: Callable[[list[str]], torch.Tensor], config: RoutingConfig,
-                out: Path, progress: bool = True, command: str | None = None) -> dict:
-    """Score every router at every stage of `stream`; writes OUT/routing.json, OUT/report.md, OUT/routing.png."""
+def score_routers(stream: Stream, shape: str, encode: Callable[[list[str]], torch.Tensor], config: RoutingConfig,
+                  cache: Path, progress: bool) -> tuple[Features, dict]:
+    """Every router at every stage of `stream`, its training rows in `shape`."""
     from tqdm.auto import tqdm
 
-    config.check()
-    started = time.time()
-    features = encode_stream(stream, encode, out / "routing-cache")
+    features = encode_stream(stream, encode, cache)
     order = [t.name for t in stream.tasks]
     results = {}
-    for kind in tqdm(config.routers, desc="routing", unit="router", disable=not progress):
+    for kind in tqdm(config.routers, desc=f"routing ({shape})", unit="router", disable=not progress):
         rows, raws = [], []
         memories = memories_for(kind, features, order, config)  # each task's memory depends on that task alone
         for k in range(1, len(order) + 1):
-            row, raw = score_stage(kind, features, order, k, config, {t: memories[t] for t in order[:k]})
+            row, raw = score_stage(kind, features, order, k, config, {t: memories[t] for t in order[:k]}, shape)
             rows.append(row)
             if raw and k < len(order):
                 raws.append(raw)
         results[kind] = {"stages": rows, **({"tradeoff": tradeoff(raws)} if raws else {})}
+    return features, results
+
+
+def run_routing(streams: dict[str, Stream], encode: Callable[[list[str]], torch.Tensor], config: RoutingConfig,
+                out: Path, progress: bool = True, command: str | None = None) -> dict:
+    """Score every router at every stage of the stream in each shape of its rows (`streams`: shape -> stream, the
+    first one the headline); writes OUT/routing.json, OUT/report.md, OUT/routing.png."""
+    config.check()
+    started = time.time()
+    shapes = {shape: score_routers(stream, shape, encode, config, out / "routing-cache", progress)
+              for shape, stream in streams.items()}
+    stream, (features, results) = next(iter(streams.values())), next(iter(shapes.values()))
+    order = [t.name for t in stream.tasks]
     report = {"config": {"stream": stream.name, "tasks": order, "encoder": config.encoder,
                          "switch": asdict(config.switch), "memory": asdict(config.memory),
                          "train_examples": {t: len(features.train[t]) for t in order},
                          "test_examples": {t: len(features.seen[t]) for t in order},
                          "unseen_examples": {t: len(features.unseen[t]) for t in order},
-                         "other_prompts": len(features.others), "seconds": round(time.time() - started, 1),
-                         "command": command},
+                         "reworded_examples": {t: len(features.reworded[t]) for t in order},
+                         "other_prompts": len(features.others), "general_requests": len(features.general),
+                         "shapes": list(streams), "seconds": round(time.time() - started, 1), "command": command},
               "default": config.switch.kind if config.switch.kind in results else config.routers[0],
-              "routers": results}
+              "routers": results, "shapes": {shape: {"routers": r} for shape, (_, r) in shapes.items()}}
     out.mkdir(parents=True, exist_ok=True)
     (out / "routing.json").write_text(json.dumps(report, indent=2))
     from .report import write_routing_report

@@ -1,8 +1,13 @@
-"""Task streams for the benchmark: the built-in demo, the CIT stream of the paper, and a user's folder.
+"""Task streams for the benchmark: the built-in demo, the CIT stream of the paper, BIG-bench, a user's folder.
 
 A stream is a list of tasks in learning order. Each task has its training examples, its evaluation
 examples worded as in training ("seen") and, where the task has them, worded in ways training never
-used ("unseen"), and the name of its metric.
+used: the stream's own ("unseen", CT0's) and switchcit's ("reworded", `data/rewordings.json`, which no
+fit or calibration reads), and the name of its metric.
+
+Users shape their rows in several ways, and routing must hold for each (`SHAPES`): as the stream builds
+them (instruction and input apart, where the stream has them), the whole prompt as one instruction (no
+wording the switch can hold out), or one wording per task.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..data import Example, Task, load_examples
+from ..data import Example, Task, load_examples, make_prompt
 from ..errors import SwitchcitError
 from .metrics import METRICS
 
@@ -23,6 +28,8 @@ CIT_ANSWERS = {"simp": "references", "emdg": "response", "inqqg": "question", "e
 CIT_SECONDARY = {"hgen": ("constraint", "bleu")}
 CIT_LOWERCASE = {"emdg", "hgen"}  # their references are lower-cased and tokenized
 CONSTRAINT_KINDS = ("start", "contain", "end")
+SHAPES = ("as_built", "inline", "one_wording")
+REWORDINGS = Path(__file__).parent / "data" / "rewordings.json"
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,7 @@ class BenchTask:
     seen: list[EvalExample]
     metric: str
     unseen: list[EvalExample] = field(default_factory=list)
+    reworded: list[EvalExample] = field(default_factory=list)
     secondary: tuple[str, ...] = ()
     lowercase: bool = False  # lower-case predictions before scoring
 
@@ -53,6 +61,19 @@ class Stream:
     def labels(self) -> dict[str, str]:
         """Every evaluation prompt -> its true task (the oracle's routing)."""
         return {e.prompt: t.name for t in self.tasks for e in [*t.seen, *t.unseen]}
+
+
+def rewordings() -> dict:
+    return json.loads(REWORDINGS.read_text(encoding="utf-8"))
+
+
+def reshape(stream: Stream, shape: str) -> Stream:
+    """The stream's training rows in one of `SHAPES` ('one_wording' is built by the stream's loader)."""
+    if shape == "inline":  # the whole prompt is the instruction: no row says how it was worded
+        tasks = [BenchTask(t.name, Task(t.name, [Example(e.prompt, e.output) for e in t.train.examples]), t.seen,
+                           t.metric, t.unseen, t.reworded, t.secondary, t.lowercase) for t in stream.tasks]
+        return Stream(stream.name, tasks)
+    return stream
 
 
 def _sample(rows: list, n: int, rng: random.Random) -> list:
@@ -112,17 +133,27 @@ def has_wordings(templates: dict, task: str, wordings: str) -> bool:
     return any(choices.values()) if isinstance(choices, dict) else bool(choices)
 
 
+def one_wording(templates: dict, task: str) -> dict:
+    """The templates with only the first training wording of `task` (per constraint kind for hgen)."""
+    first = templates[task]["train"]
+    first = {k: v[:1] for k, v in first.items()} if isinstance(first, dict) else first[:1]
+    return {**templates, task: {**templates[task], "train": first}}
+
+
 def cit_task(task: str, train_records: list[dict], test_records: list[dict], templates: dict,
-             n_train: int, n_eval: int, seed: int) -> BenchTask:
+             n_train: int, n_eval: int, seed: int, shape: str = "as_built") -> BenchTask:
     """Sample and word one CIT task; every random choice comes from generators seeded by (seed, task)."""
-    sample_rng, train_rng, eval_rng = (random.Random(f"{seed}:{task}:{what}") for what in ("sample", "train", "eval"))
+    sample_rng, train_rng, eval_rng, reword_rng = (random.Random(f"{seed}:{task}:{what}")
+                                                   for what in ("sample", "train", "eval", "reword"))
+    train_templates = one_wording(templates, task) if shape == "one_wording" else templates
+    reworded_templates = {**templates, task: {**templates[task], "reworded": rewordings()["cit"][task]}}
     examples = []
     for record in _sample(train_records, n_train, sample_rng):
         constraint = headline_constraint(record["headline"], train_rng) if task == "hgen" else None
-        prompt, wording = cit_prompt(task, record, templates, "train", train_rng, constraint)
+        prompt, wording = cit_prompt(task, record, train_templates, "train", train_rng, constraint)
         examples.append(Example(prompt, cit_references(task, record)[0], wording))
     unseen = has_wordings(templates, task, "eval_unseen")
-    seen_examples, unseen_examples = [], []
+    seen_examples, unseen_examples, reworded_examples = [], [], []
     for record in _sample(test_records, n_eval, sample_rng):
         constraint = headline_constraint(record["headline"], eval_rng) if task == "hgen" else None
         refs, source = cit_references(task, record), record.get("source")
@@ -131,17 +162,19 @@ def cit_task(task: str, train_records: list[dict], test_records: list[dict], tem
         if unseen:
             prompt, wording = cit_prompt(task, record, templates, "eval_unseen", eval_rng, constraint)
             unseen_examples.append(EvalExample(prompt, refs, source, constraint, wording))
+        prompt, wording = cit_prompt(task, record, reworded_templates, "reworded", reword_rng, constraint)
+        reworded_examples.append(EvalExample(prompt, refs, source, constraint, wording))
     return BenchTask(task, Task(task, examples), seen_examples, CIT_METRICS[task], unseen_examples,
-                     CIT_SECONDARY.get(task, ()), task in CIT_LOWERCASE)
+                     reworded_examples, CIT_SECONDARY.get(task, ()), task in CIT_LOWERCASE)
 
 
 def _read_jsonl(path: Path) -> list[dict]:
     if not path.is_file():
-        raise SwitchcitError(f"missing CIT file {path}: the data folder needs <task>/train.jsonl and test.jsonl")
+        raise SwitchcitError(f"missing data file {path}: the data folder needs <task>/train.jsonl and test.jsonl")
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def cit(data_dir: str | Path | None, n_train: int, n_eval: int, seed: int) -> Stream:
+def cit(data_dir: str | Path | None, n_train: int, n_eval: int, seed: int, shape: str = "as_built") -> Stream:
     """The CIT stream from a folder laid out like shared/data/cit, or from Hugging Face when `data_dir` is None."""
     if data_dir is None:
         from .hub import load_cit_records, load_cit_templates
@@ -156,8 +189,56 @@ def cit(data_dir: str | Path | None, n_train: int, n_eval: int, seed: int) -> St
         templates = json.loads(templates_path.read_text(encoding="utf-8"))
         records = {t: (_read_jsonl(root / t / "train.jsonl"), _read_jsonl(root / t / "test.jsonl"))
                    for t in CIT_ORDER}
-    tasks = [cit_task(t, *records[t], templates, n_train, n_eval, seed) for t in CIT_ORDER]
-    return Stream("cit", tasks)
+    tasks = [cit_task(t, *records[t], templates, n_train, n_eval, seed, shape) for t in CIT_ORDER]
+    return reshape(Stream("cit", tasks), shape)
+
+
+# -- BIG-bench --------------------------------------------------------------------------------------
+
+def bigbench_prompt(task: dict, row: dict) -> tuple[str, str | None]:
+    """BIG-bench's prompt as a user's row gives it: the task's prefix as instruction (if any), the input after it;
+    and the wording (the prefix) where the row has an instruction apart from its input."""
+    prefix = (task.get("task_prefix") or "").strip()
+    return (make_prompt(prefix, row["input"]), prefix) if prefix else (row["input"], None)
+
+
+def bigbench_reworded(name: str, rows: list[dict], rng: random.Random) -> list[EvalExample]:
+    """Test rows in switchcit's rewordings of this task (none where it has none; rows its pattern misses skipped)."""
+    import re
+
+    spec = rewordings()["bigbench"].get(name)
+    if spec is None:
+        return []
+    out = []
+    for row in rows:
+        match = re.search(spec["pattern"], row["input"])
+        if match:
+            template = rng.choice(spec["templates"])
+            fields = {k: v.strip() for k, v in match.groupdict().items()}
+            out.append(EvalExample(template.format(input=row["input"], **fields), (row["target"],), wording=template))
+    return out
+
+
+def bigbench(data_dir: str | Path, n_train: int, n_eval: int, seed: int, shape: str = "as_built") -> Stream:
+    """The BIG-bench stream from a folder laid out like shared/data/bigbench (read in place), in its order.
+    Every task comes with one wording (its prefix, or none), so 'one_wording' is 'as_built'."""
+    root = Path(data_dir)
+    spec_path = root / "tasks.json"
+    if not spec_path.is_file():
+        raise SwitchcitError(f"{root} is not a BIG-bench data folder: {spec_path} is missing")
+    tasks = []
+    for task in json.loads(spec_path.read_text(encoding="utf-8"))["tasks"]:
+        name = task["name"]
+        sample_rng, reword_rng = (random.Random(f"{seed}:{name}:{what}") for what in ("sample", "reword"))
+        train = _sample(_read_jsonl(root / name / "train.jsonl"), n_train, sample_rng)
+        test = _sample(_read_jsonl(root / name / "test.jsonl"), n_eval, sample_rng)
+        examples = [Example(prompt, r["target"], wording)
+                    for r in train for prompt, wording in [bigbench_prompt(task, r)]]
+        seen = [EvalExample(prompt, tuple(r.get("references") or (r["target"],)), wording=wording)
+                for r in test for prompt, wording in [bigbench_prompt(task, r)]]
+        tasks.append(BenchTask(name, Task(name, examples), seen, "exact_match",
+                               reworded=bigbench_reworded(name, test, reword_rng)))
+    return reshape(Stream("bigbench", tasks), shape)
 
 
 # -- a user's folder --------------------------------------------------------------------------------
@@ -208,10 +289,14 @@ def user(folder: str | Path, n_train: int, n_eval: int, seed: int) -> Stream:
     return Stream(folder.name, tasks)
 
 
-def load_stream(spec: str, data_dir: str | Path | None, n_train: int, n_eval: int, seed: int) -> Stream:
-    """'demo', 'cit' (from `data_dir`, or Hugging Face when None) or a user's stream folder."""
-    if spec == "demo":
-        return demo(n_train, n_eval, seed)
+def load_stream(spec: str, data_dir: str | Path | None, n_train: int, n_eval: int, seed: int,
+                shape: str = "as_built") -> Stream:
+    """'demo', 'cit' (from `data_dir`, or Hugging Face when None), 'bigbench' (from `data_dir`) or a user's stream
+    folder, with its training rows in `shape`."""
     if spec == "cit":
-        return cit(data_dir, n_train, n_eval, seed)
-    return user(spec, n_train, n_eval, seed)
+        return cit(data_dir, n_train, n_eval, seed, shape)
+    if spec == "bigbench":
+        if data_dir is None:
+            raise SwitchcitError("the bigbench stream is read in place: give --data-dir (e.g. ../shared/data/bigbench)")
+        return bigbench(data_dir, n_train, n_eval, seed, shape)
+    return reshape(demo(n_train, n_eval, seed) if spec == "demo" else user(spec, n_train, n_eval, seed), shape)
