@@ -12,9 +12,10 @@ wording the switch can hold out), or one wording per task.
 
 from __future__ import annotations
 
+import functools
 import json
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..data import Example, Task, load_examples, make_prompt
@@ -63,17 +64,23 @@ class Stream:
         return {e.prompt: t.name for t in self.tasks for e in [*t.seen, *t.unseen]}
 
 
+@functools.cache
 def rewordings() -> dict:
     return json.loads(REWORDINGS.read_text(encoding="utf-8"))
 
 
 def reshape(stream: Stream, shape: str) -> Stream:
-    """The stream's training rows in one of `SHAPES` ('one_wording' is built by the stream's loader)."""
-    if shape == "inline":  # the whole prompt is the instruction: no row says how it was worded
-        tasks = [BenchTask(t.name, Task(t.name, [Example(e.prompt, e.output) for e in t.train.examples]), t.seen,
-                           t.metric, t.unseen, t.reworded, t.secondary, t.lowercase) for t in stream.tasks]
-        return Stream(stream.name, tasks)
-    return stream
+    """The stream's training rows in one of `SHAPES`. 'one_wording' keeps the rows of each task's first wording
+    (CIT's loader instead words every row with its first template, keeping the row count)."""
+    def rows(task: BenchTask) -> list[Example]:
+        if shape == "inline":  # the whole prompt is the instruction: no row says how it was worded
+            return [Example(e.prompt, e.output) for e in task.train.examples]
+        first = task.train.examples[0].wording
+        return [e for e in task.train.examples if e.wording == first]
+
+    if shape == "as_built":
+        return stream
+    return Stream(stream.name, [replace(t, train=Task(t.name, rows(t))) for t in stream.tasks])
 
 
 def _sample(rows: list, n: int, rng: random.Random) -> list:
