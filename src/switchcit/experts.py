@@ -1,9 +1,12 @@
-"""Train one LoRA expert for one task on the frozen base model (PEFT), loss on answer tokens only."""
+"""One LoRA expert for one task on the frozen base model (PEFT): its knobs, its training rows (prompt
+masked out), their collation and the loss on answer tokens only. How it is trained (transformers'
+`Trainer`, checkpoints, logs) is training.py's, which gets the rows, collation and loss from here:
+the import runs from this module to that one, never back."""
 
 from __future__ import annotations
 
 import math
-import os
+import random
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
@@ -50,7 +53,8 @@ class ExpertConfig:
     report_to: str = knob("none", "--report-to", "where training logs go", choices=REPORTERS)
     log_dir: str | None = knob(None, "--log-dir", "folder for jsonl and tensorboard logs (default: "
                                "STORE/logs/TASK)")
-    seed: int = knob(0, "--seed", "seed of the LoRA initialisation, the data order and the memory sample")
+    seed: int = knob(0, "--seed", "seed of the LoRA initialisation, the data order and the memory sample",
+                     low=0, high=2**32 - 1)  # numpy's range: the Trainer seeds numpy with it
 
     def __post_init__(self) -> None:
         check_ranges(self)
@@ -63,8 +67,14 @@ class ExpertConfig:
         return self.alpha if self.alpha is not None else 2 * self.r
 
     def steps_for(self, n_examples: int, processes: int = 1) -> int:
-        per_epoch = math.ceil(n_examples / (self.batch_size * self.grad_accum * processes))
-        steps = max(1, math.ceil(per_epoch * self.epochs))
+        """Optimizer steps for `n_examples` rows; refuses accumulation that only re-reads the same rows."""
+        step = self.batch_size * self.grad_accum * processes
+        if self.grad_accum > 1 and step > n_examples:
+            most = max(1, n_examples // (self.batch_size * processes))
+            raise SwitchcitError(f"one optimizer step of batch_size x grad_accum x processes = {self.batch_size} x "
+                                 f"{self.grad_accum} x {processes} = {step} rows is more than the {n_examples} "
+                                 f"training rows: give --grad-accum {most} or less (or more data)")
+        steps = max(1, math.ceil(math.ceil(n_examples / step) * self.epochs))
         return min(steps, self.max_steps) if self.max_steps else steps
 
     def lora(self) -> LoraConfig:
@@ -115,24 +125,36 @@ def answer_loss(model, batch: dict[str, torch.Tensor], normalizer: torch.Tensor 
     return total / (normalizer if normalizer is not None else int((labels != -100).sum()))
 
 
-def data_parallel() -> tuple[int, int]:
-    """(rank, world size) as `torchrun` and `accelerate launch` set them; the Trainer joins the process group.
-    Read from the environment: making accelerate's state here would fix it before the Trainer picks its device."""
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+def split_eval(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """(train, eval): a seeded `fraction` of the rows held out, at least one row on each side."""
+    order = list(range(len(examples)))
+    random.Random(f"eval:{seed}").shuffle(order)
+    held = min(len(examples) - 1, max(1, round(fraction * len(examples))))
+    if held < 1:
+        raise SwitchcitError(f"{len(examples)} example(s) leave nothing to hold out for --eval-fraction: give more "
+                             "data or --eval-data FILE")
+    return [examples[i] for i in sorted(order[held:])], [examples[i] for i in sorted(order[:held])]
 
 
 def train_expert(model: PeftModel, adapter_name: str, examples: list[Example], tokenizer: PreTrainedTokenizerBase,
-                 config: ExpertConfig, progress: bool = True, desc: str | None = None, **run) -> dict:
+                 config: ExpertConfig, progress: bool = True, desc: str | None = None,
+                 eval_examples: list[Example] | None = None, **run) -> dict:
     """Train `adapter_name` (already added to `model`) on `examples`; every other weight stays frozen.
-    `run`: eval data, checkpoints and logs (training.train). With a saved result, `adapter` is its PEFT folder."""
+    `run`: checkpoints and logs (training.train). With a saved result, `adapter` is its PEFT folder."""
+    from functools import partial
+
     from .training import train
 
+    if eval_examples is None and config.eval_fraction:
+        examples, eval_examples = split_eval(examples, config.eval_fraction, config.seed)
+    rows = [tokenize_example(tokenizer, e, config.max_length) for e in examples]
+    evals = [tokenize_example(tokenizer, e, config.max_length) for e in eval_examples or []]
     model.set_adapter(adapter_name)
     for name, param in model.named_parameters():
         param.requires_grad = f".{adapter_name}." in name and "lora_" in name
     try:
-        stats = train(model, examples, tokenizer, config, progress=progress, desc=desc or f"learn {adapter_name}",
-                      **run)
+        stats = train(model, rows, config, collate=partial(collate, pad_id=tokenizer.pad_token_id), loss=answer_loss,
+                      eval_rows=evals, progress=progress, desc=desc or f"learn {adapter_name}", **run)
     finally:
         model.requires_grad_(False)
     if stats["saved"] is not None:  # PEFT saves an adapter not named 'default' in a folder of its name
