@@ -188,7 +188,8 @@ class _Unpacking:
 
 
 def _unreadable(bundle: Path, exc: BaseException) -> SwitchcitError:
-    return SwitchcitError(f"{bundle} is not a readable tar bundle ({exc or type(exc).__name__})")
+    why = (str(exc).splitlines() or [type(exc).__name__])[0].rstrip(":")  # tarfile lists each method it tried
+    return SwitchcitError(f"{bundle} is not a readable tar bundle ({why}): give a bundle made by `switchcit export`")
 
 
 def _members(bundle: Path) -> Iterator[tuple[tarfile.TarFile, tarfile.TarInfo]]:

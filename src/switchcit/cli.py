@@ -126,7 +126,7 @@ def _prompts(args) -> list[str]:
 def cmd_learn(args) -> None:
     from .continual import ContinualModel
     from .data import Task, load_examples
-    from .store import KINDS, Store
+    from .store import KINDS, LOGS, Store
 
     expert = config_from(args, ExpertConfig)  # bad options fail first, before any data is read
     memory = config_from(args, MemoryConfig, seed=expert.seed)
@@ -136,7 +136,7 @@ def cmd_learn(args) -> None:
         raise SwitchcitError("give --eval-data or --eval-fraction, not both")
     eval_examples = load_examples(args.eval_data) if args.eval_data else None
     store = Store(args.store)
-    ours = {"logs", *KINDS}  # what a first learn that was interrupted can leave; the next commit sweeps it
+    ours = {LOGS, *KINDS}  # what a first learn that was interrupted can leave; the next commit sweeps it
     if not store.exists() and store.root.exists() and any(p.name not in ours and not p.name.startswith(".")
                                                           for p in store.root.iterdir()):
         raise SwitchcitError(f"{args.store} exists and is not a switchcit store: choose an empty or new folder")
