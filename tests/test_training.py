@@ -143,12 +143,12 @@ def test_a_four_bit_base_without_a_gpu_is_one_line(tmp_path, words, tiny_model):
     assert "needs a CUDA GPU and the bitsandbytes package" in proc.stderr
 
 
-def test_the_import_arrow_runs_from_experts_to_training():
-    """experts.py (rows, collation, loss) hands them to training.py (the Trainer), which imports nothing of it but
-    the name of its config, for annotations."""
+def test_the_import_arrow_runs_one_way():
+    """experts.py (the expert's knobs, training it) -> training.py (the Trainer) -> supervision.py (rows, batches,
+    the answer-only loss); nothing imports back but the config's name, for annotations."""
     import ast
 
-    from switchcit import experts, training
+    from switchcit import experts, supervision, training
 
     def imported(module) -> set[str]:
         tree = ast.parse(Path(module.__file__).read_text())
@@ -157,4 +157,5 @@ def test_the_import_arrow_runs_from_experts_to_training():
         return {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level and n.module
                 and id(n) not in typing_only}
 
-    assert "training" in imported(experts) and "experts" not in imported(training)
+    assert "training" in imported(experts) and "supervision" in imported(training)
+    assert not {"experts", "training"} & imported(supervision) and "experts" not in imported(training)

@@ -238,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         COMMANDS[args.command](args)
+        sys.stdout.flush()  # a closed pipe is reported here, not by the interpreter on its way out
     except SwitchcitError as exc:
         return _fail(f"error: {exc}")
     except BrokenPipeError:  # `switchcit tasks | head`: the reader has what it wanted

@@ -1,24 +1,21 @@
-"""One LoRA expert for one task on the frozen base model (PEFT): its knobs, its training rows (prompt
-masked out), their collation and the loss on answer tokens only. How it is trained (transformers'
-`Trainer`, checkpoints, logs) is training.py's, which gets the rows, collation and loss from here:
-the import runs from this module to that one, never back."""
+"""One LoRA expert for one task on the frozen base model (PEFT): its knobs, and training it with only its
+own weights trainable. The training itself is training.py's (transformers' `Trainer`), on rows,
+batches and a loss from supervision.py: experts -> training -> supervision, never back."""
 
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
-from .data import Example, encode_answer, encode_prompt
 from .errors import SwitchcitError
-from .generation import left_pad
 from .settings import check_ranges, knob
 
 if TYPE_CHECKING:
-    import torch
     from peft import LoraConfig, PeftModel
     from transformers import PreTrainedTokenizerBase
+
+    from .data import Example
 
 
 REPORTERS = ("none", "jsonl", "tensorboard", "wandb")
@@ -89,72 +86,18 @@ class ExpertConfig:
         return {**asdict(self), "alpha": self.lora_alpha}
 
 
-def tokenize_example(tokenizer: PreTrainedTokenizerBase, example: Example, max_length: int) -> dict[str, list]:
-    """{input_ids, labels} with the prompt masked out of the loss; long rows keep their answer end. The first
-    token is never a target (nothing precedes it), so the Trainer's count of targets equals the loss's."""
-    prompt = encode_prompt(tokenizer, example.prompt)
-    answer = encode_answer(tokenizer, example.output or "")
-    ids = (prompt + answer)[-max_length:]
-    labels = ([-100] * len(prompt) + answer)[-max_length:]
-    return {"input_ids": ids, "labels": [-100, *labels[1:]]}
-
-
-def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Left-padded batch of {input_ids, labels} rows: every answer ends at the last position, so logits are
-    needed only for a short tail."""
-    ids, mask = left_pad([r["input_ids"] for r in rows], pad_id)
-    labels, _ = left_pad([r["labels"] for r in rows], pad_id, fill=-100)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "labels": labels}
-
-
-def answer_loss(model, batch: dict[str, torch.Tensor], normalizer: torch.Tensor | int | None = None) -> torch.Tensor:
-    """Cross-entropy summed over answer tokens / `normalizer` (default: their count, i.e. the mean).
-
-    The LM head runs only over the answer tail (~20% less work on a small model). The Trainer passes the
-    answer tokens of the whole accumulated batch, so accumulated micro-batches add up to one big batch.
-    """
-    import torch.nn.functional as F
-
-    labels = batch["labels"]
-    tail = int((labels != -100).sum(dim=1).max())
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs, logits_to_keep=tail + 1).logits[:, :-1]
-    total = F.cross_entropy(logits.flatten(0, 1).float(), labels[:, -tail:].flatten(), ignore_index=-100,
-                            reduction="sum")
-    return total / (normalizer if normalizer is not None else int((labels != -100).sum()))
-
-
-def split_eval(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
-    """(train, eval): a seeded `fraction` of the rows held out, at least one row on each side."""
-    order = list(range(len(examples)))
-    random.Random(f"eval:{seed}").shuffle(order)
-    held = min(len(examples) - 1, max(1, round(fraction * len(examples))))
-    if held < 1:
-        raise SwitchcitError(f"{len(examples)} example(s) leave nothing to hold out for --eval-fraction: give more "
-                             "data or --eval-data FILE")
-    return [examples[i] for i in sorted(order[held:])], [examples[i] for i in sorted(order[:held])]
-
-
 def train_expert(model: PeftModel, adapter_name: str, examples: list[Example], tokenizer: PreTrainedTokenizerBase,
-                 config: ExpertConfig, progress: bool = True, desc: str | None = None,
-                 eval_examples: list[Example] | None = None, **run) -> dict:
+                 config: ExpertConfig, progress: bool = True, desc: str | None = None, **run) -> dict:
     """Train `adapter_name` (already added to `model`) on `examples`; every other weight stays frozen.
-    `run`: checkpoints and logs (training.train). With a saved result, `adapter` is its PEFT folder."""
-    from functools import partial
-
+    `run`: eval data, checkpoints and logs (training.train). With a saved result, `adapter` is its PEFT folder."""
     from .training import train
 
-    if eval_examples is None and config.eval_fraction:
-        examples, eval_examples = split_eval(examples, config.eval_fraction, config.seed)
-    rows = [tokenize_example(tokenizer, e, config.max_length) for e in examples]
-    evals = [tokenize_example(tokenizer, e, config.max_length) for e in eval_examples or []]
     model.set_adapter(adapter_name)
     for name, param in model.named_parameters():
         param.requires_grad = f".{adapter_name}." in name and "lora_" in name
     try:
-        stats = train(model, rows, config, collate=partial(collate, pad_id=tokenizer.pad_token_id), loss=answer_loss,
-                      eval_rows=evals, progress=progress, desc=desc or f"learn {adapter_name}", **run)
+        stats = train(model, examples, tokenizer, config, progress=progress, desc=desc or f"learn {adapter_name}",
+                      **run)
     finally:
         model.requires_grad_(False)
     if stats["saved"] is not None:  # PEFT saves an adapter not named 'default' in a folder of its name

@@ -3,12 +3,12 @@ precision, evaluation, logging, resumable checkpoints and every `accelerate` bac
 DeepSpeed) come from it.
 
 `Trainer` rather than TRL's `SFTTrainer`: switchcit tokenizes its own chat rows with the prompt masked
-out of the loss (experts.py, which hands this module the rows, their collation and the loss);
-what `SFTTrainer` adds on top (dataset formatting, packing, chat templates) would be switched off,
-and it would be one more fast-moving dependency. What is ours: switchcit's warm-up-then-linear
-schedule (no step at a zero learning rate), a progress bar that shows the loss instead of printing it,
-a JSONL log, and the run key that names a run's checkpoints (STORE/.checkpoints/TASK/KEY, KEY a hash
-of everything that changes the result, so that `--resume` never continues a different run).
+out of the loss (supervision.py: the rows, their batches and the loss on answer tokens only); what
+`SFTTrainer` adds on top (dataset formatting, packing, chat templates) would be switched off, and it
+would be one more fast-moving dependency. What is ours: switchcit's warm-up-then-linear schedule (no
+step at a zero learning rate), a progress bar that shows the loss instead of printing it, a JSONL log,
+and the run key that names a run's checkpoints (STORE/.checkpoints/TASK/KEY, KEY a hash of everything
+that changes the result, so that `--resume` never continues a different run).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import os
 import random
 import shutil
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,8 +27,11 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from .errors import SwitchcitError
+from .supervision import answer_loss, collate, tokenize_example
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
     from .data import Example
     from .experts import ExpertConfig  # for annotations only: experts.py imports this module, not the reverse
 
@@ -57,13 +59,13 @@ class SeededOrder(Sampler):
 
 
 class _AnswerTrainer(Trainer):
-    """The Trainer with a given loss (answer tokens only), switchcit's schedule and data order."""
+    """The Trainer with switchcit's loss, schedule and data order."""
 
     loss_is_scaled_for_ga = True  # the loss is divided by the answer tokens of the whole accumulated batch
 
-    def __init__(self, *args, loss: Callable, warmup_steps: int, **kwargs):
+    def __init__(self, *args, warmup_steps: int, **kwargs):
         super().__init__(*args, **kwargs)
-        self.loss, self.warmup_steps = loss, warmup_steps
+        self.warmup_steps = warmup_steps
         self.model_accepts_loss_kwargs = True  # so the Trainer counts the answer tokens of every batch
 
     def _get_train_sampler(self, train_dataset=None):
@@ -75,7 +77,7 @@ class _AnswerTrainer(Trainer):
         import torch
 
         training = model.training
-        loss = self.loss(model, inputs, num_items_in_batch if training else None)
+        loss = answer_loss(model, inputs, num_items_in_batch if training else None)
         if training and not torch.isfinite(loss):
             raise SwitchcitError(f"the training loss became {loss.item()} at step {self.state.global_step + 1}: "
                                  "lower learning_rate (--lr) or check the data; nothing was written")
@@ -160,6 +162,17 @@ def last_checkpoint(run_dir: Path) -> tuple[Path, int] | None:
     return max(((p, int(s)) for p, s in steps.items() if s.isdigit()), key=lambda found: found[1], default=None)
 
 
+def split_eval(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """(train, eval): a seeded `fraction` of the rows held out, at least one row on each side."""
+    order = list(range(len(examples)))
+    random.Random(f"eval:{seed}").shuffle(order)
+    held = min(len(examples) - 1, max(1, round(fraction * len(examples))))
+    if held < 1:
+        raise SwitchcitError(f"{len(examples)} example(s) leave nothing to hold out for --eval-fraction: give more "
+                             "data or --eval-data FILE")
+    return [examples[i] for i in sorted(order[held:])], [examples[i] for i in sorted(order[:held])]
+
+
 def _reporters(config: ExpertConfig, log_dir: Path | None) -> list[TrainerCallback]:
     """Our callbacks for --report-to (wandb is the Trainer's own); a missing package is one line, before training."""
     import importlib.util
@@ -179,22 +192,24 @@ def _reporters(config: ExpertConfig, log_dir: Path | None) -> list[TrainerCallba
     return []
 
 
-def train(model, rows: list[dict], config: ExpertConfig, *, collate: Callable, loss: Callable, run_dir: Path,
-          save: bool = True, eval_rows: list[dict] | None = None, resume: bool = False, log_dir: Path | None = None,
-          progress: bool = True, desc: str = "learn") -> dict:
-    """Train the parameters of `model` that require grad on `rows` (batched by `collate`, scored by `loss`).
+def train(model, examples: list[Example], tokenizer: PreTrainedTokenizerBase, config: ExpertConfig, *,
+          run_dir: Path, save: bool = True, eval_examples: list[Example] | None = None, resume: bool = False,
+          log_dir: Path | None = None, progress: bool = True, desc: str = "learn") -> dict:
+    """Train the parameters of `model` that require grad on `examples`; loss on answer tokens only.
 
     `run_dir`: the trainer's folder; with `save`, checkpoints go there and, at the end, the trained weights
     (`saved` in the result). `resume` continues from its newest checkpoint; without it, the first process
     clears what an older run left there. Returns the optimizer steps, the final training loss and, with
-    eval rows, the last eval loss."""
+    eval data, the last eval loss."""
     import torch
     from transformers import TrainingArguments
 
     rank, processes = data_parallel()
-    if config.eval_steps and not eval_rows:
+    if eval_examples is None and config.eval_fraction:
+        examples, eval_examples = split_eval(examples, config.eval_fraction, config.seed)
+    if config.eval_steps and not eval_examples:
         raise SwitchcitError("--eval-steps needs held-out rows: give --eval-data FILE or --eval-fraction F")
-    steps = config.steps_for(len(rows), processes)
+    steps = config.steps_for(len(examples), processes)
     start = None
     if resume:
         start = last_checkpoint(run_dir) if run_dir.is_dir() else None
@@ -207,8 +222,11 @@ def train(model, rows: list[dict], config: ExpertConfig, *, collate: Callable, l
     callbacks = _reporters(config, log_dir)
     if not resume and rank == 0 and run_dir.exists():
         shutil.rmtree(run_dir)  # a fresh start: never resume later from this run's older checkpoints
+    pad = tokenizer.pad_token_id
+    rows = [tokenize_example(tokenizer, e, config.max_length) for e in examples]
+    evals = [tokenize_example(tokenizer, e, config.max_length) for e in eval_examples or []]
     device = next(model.parameters()).device
-    periodic_eval = bool(eval_rows and config.eval_steps)
+    periodic_eval = bool(evals and config.eval_steps)
     args = TrainingArguments(
         output_dir=str(run_dir), max_steps=steps, seed=config.seed,
         data_seed=config.seed, per_device_train_batch_size=config.batch_size,
@@ -223,15 +241,15 @@ def train(model, rows: list[dict], config: ExpertConfig, *, collate: Callable, l
         report_to=["wandb"] if config.report_to == "wandb" else "none", disable_tqdm=not progress,
         remove_unused_columns=False, label_names=["labels"], dataloader_pin_memory=False,
         ddp_find_unused_parameters=False, average_tokens_across_devices=True)
-    trainer = _AnswerTrainer(model=model, args=args, train_dataset=rows, eval_dataset=eval_rows or None,
-                             data_collator=collate, callbacks=callbacks, loss=loss,
+    trainer = _AnswerTrainer(model=model, args=args, train_dataset=rows, eval_dataset=evals or None,
+                             data_collator=lambda batch: collate(batch, pad), callbacks=callbacks,
                              warmup_steps=max(1, int(steps * config.warmup_ratio)))
     trainer.remove_callback(PrinterCallback)
     if trainer.pop_callback(ProgressCallback) is not None:
         trainer.add_callback(_Bar(desc))
     try:
         trainer.train(resume_from_checkpoint=str(start[0]) if start else None)
-        eval_loss = trainer.evaluate()["eval_loss"] if eval_rows else None
+        eval_loss = trainer.evaluate()["eval_loss"] if evals else None
         if save:  # every process takes part: FSDP and ZeRO-3 gather the sharded weights here
             trainer.save_model(str(run_dir / "trained"))  # PEFT: a folder per adapter not named 'default'
     finally:
