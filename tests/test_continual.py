@@ -70,7 +70,7 @@ def test_mixed_batch_equals_each_task_alone(trained_store, stream):
 
 
 def test_learned_adapter_lowers_loss_on_its_task(trained_store, stream):
-    from switchcit.experts import collate, tokenize_example
+    from switchcit.supervision import collate, tokenize_example
 
     cm = ContinualModel(trained_store, progress=False)
     cm.load_adapters()

@@ -5,7 +5,7 @@ import torch
 
 from switchcit import ContinualModel, ExpertConfig
 from switchcit.demo import demo_stream
-from switchcit.experts import answer_loss, collate, tokenize_example
+from switchcit.supervision import answer_loss, collate, tokenize_example
 
 pytestmark = pytest.mark.slow
 

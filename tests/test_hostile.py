@@ -26,6 +26,30 @@ def one_line_error(proc, pattern: str) -> None:
     assert "Traceback" not in proc.stderr
 
 
+def _tar(path, members: list[tuple[str, bytes]]):
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def _bundle_files(store, tmp_path) -> dict[str, bytes]:
+    """The members of an exported bundle of `store`, checksums.json left out."""
+    export_store(store, tmp_path / "exported.tar")
+    with tarfile.open(tmp_path / "exported.tar") as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar if m.name != "checksums.json"}
+
+
+def _with_checksums(files: dict[str, bytes]) -> list[tuple[str, bytes]]:
+    """Bundle members as `export` orders them: checksums.json with the SHA-256 of each of `files`, then those."""
+    import hashlib
+
+    checksums = json.dumps({name: hashlib.sha256(data).hexdigest() for name, data in files.items()}).encode()
+    return [("checksums.json", checksums), *files.items()]
+
+
 def test_the_sweep_never_follows_a_link(store_copy, tmp_path, stream, tiny_model):
     """A link dropped into the store (to the user's data, or a whole kind folder elsewhere) is left alone."""
     mydata = outside_tree(tmp_path)
@@ -83,23 +107,11 @@ def test_duplicate_task_names_are_refused(store_copy):
 def test_a_bundle_naming_a_file_outside_is_refused(trained_store, tmp_path):
     secret = tmp_path / "secret.txt"
     secret.write_text("private")
-    bundle = tmp_path / "ok.tar"
-    export_store(trained_store, bundle)
-    with tarfile.open(bundle) as tar:
-        files = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    files = _bundle_files(trained_store, tmp_path)
     manifest = json.loads(files["manifest.json"])
     manifest["tasks"][0]["memory"] = str(secret)
     files["manifest.json"] = json.dumps(manifest).encode()
-    import hashlib
-
-    files["checksums.json"] = json.dumps({n: hashlib.sha256(d).hexdigest() for n, d in files.items()
-                                          if n != "checksums.json"}).encode()
-    evil = tmp_path / "evil.tar"
-    with tarfile.open(evil, "w") as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    evil = _tar(tmp_path / "evil.tar", _with_checksums(files))
     with pytest.raises(SwitchcitError, match="is corrupt"):
         import_bundle(evil, tmp_path / "imported")
     assert not (tmp_path / "imported").exists() or not any((tmp_path / "imported").iterdir())
@@ -195,7 +207,8 @@ def test_a_full_disk_at_commit_is_one_line_and_keeps_the_store(store_copy, tmp_p
     code = cli.main(["learn", "--store", str(store_copy), "--task", "late", "--data", str(data), "--model",
                      str(tiny_model), "--max-steps", "1", "-q"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 1 and err[-1].startswith("switchcit: error: No space left on device")
+    assert code == 1 and err[-1].startswith("switchcit: error: learn 'late' stopped (No space left on device)")
+    assert err[-1].endswith("the store keeps its last committed state")
     assert "Traceback" not in "\n".join(err)
     assert (store_copy / "manifest.json").read_bytes() == manifest
     monkeypatch.undo()
@@ -249,30 +262,21 @@ def test_bad_data_files_are_one_line(tmp_path, content, pattern):
     assert "\n" not in str(caught.value)
 
 
-def _tar(path, members: list[tuple[str, bytes]]):
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
-
-
 def test_bundle_bombs_and_odd_members_are_refused(trained_store, tmp_path):
     import gzip
-    import hashlib
 
     with pytest.raises(SwitchcitError, match="twice"):
         import_bundle(_tar(tmp_path / "dup.tar", [("manifest.json", b"{}"), ("manifest.json", b"{}")]),
                       tmp_path / "s1")
-    big = b"\0" * (1 << 20)
+    big = bytes(16 << 20)  # one of the files the manifest names, compressed a thousand times over
+    files = _bundle_files(trained_store, tmp_path)
+    weights = next(name for name in files if name.endswith("adapter_model.safetensors"))
+    raw = _tar(tmp_path / "bomb.tar", _with_checksums({**files, weights: big}))
     bomb = tmp_path / "bomb.tar.gz"
-    raw = _tar(tmp_path / "bomb.tar", [("checksums.json", json.dumps({"x": hashlib.sha256(big).hexdigest()})
-                                        .encode()), ("x", big)])
     bomb.write_bytes(gzip.compress(raw.read_bytes()))
-    assert bomb.stat().st_size < 10_000
-    with pytest.raises(SwitchcitError, match="more than 65536 bytes"):
-        import_bundle(bomb, tmp_path / "s2", max_bytes=65536)
+    assert bomb.stat().st_size < len(big) / 2
+    with pytest.raises(SwitchcitError, match=f"more than {8 << 20} bytes"):
+        import_bundle(bomb, tmp_path / "s2", max_bytes=8 << 20)
     sparse = tmp_path / "sparse.tar"
     with tarfile.open(sparse, "w", format=tarfile.GNU_FORMAT) as tar:
         info = tarfile.TarInfo("x")
@@ -547,3 +551,250 @@ def test_review_findings_stay_fixed(store_copy, tmp_path, stream, tiny_model):
             "-q", check=True)
     assert ContinualModel(leftover).task_names == ["t"]
     assert [p.name for p in (leftover / "adapters" / "t").iterdir()] != ["0123456789ab"]  # swept by the commit
+
+
+# -- forgetting leaves nothing, faults stay one line, import is bounded in memory ---------------------------
+
+# A learn that the kernel kills right after its commit, before it removes its checkpoints: the crash is injected
+# at that point (the process SIGKILLs itself there), the rest runs as it would.
+KILLED_AFTER_COMMIT = ("import os, signal, sys\n"
+                       "from switchcit import cli, store\n"
+                       "store.Store.drop_checkpoints = lambda self, task: os.kill(os.getpid(), signal.SIGKILL)\n"
+                       "sys.exit(cli.main(sys.argv[1:]))")
+
+
+def _learn_args(store, task, data, model, *extra) -> list[str]:
+    return [str(a) for a in ("learn", "--store", store, "--task", task, "--data", data, "--model", model,
+                             "--max-steps", "2", "--save-steps", "1", "-q", *extra)]
+
+
+def _file_limited(limit: int):
+    """For preexec_fn: files the process writes may not grow beyond `limit` bytes. The kernel then fails the
+    write (EFBIG) as a full disk fails it, wherever switchcit or a library writes."""
+    import resource
+    import signal
+
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def _cli_limited(limit: int, *args):
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "switchcit", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, preexec_fn=_file_limited(limit), env=dict(os.environ, PYTHONUNBUFFERED="1"))
+
+
+def test_forget_leaves_no_byte_of_the_task(store_copy, tmp_path, stream, tiny_model):
+    """A learn killed after its commit leaves its checkpoints: the next write of the store removes them. Then
+    forget removes every file of the task: no byte of its adapter's tensors, no path named after it."""
+    import signal
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    data = write_jsonl(tmp_path / "t.jsonl", task_rows(stream[0][1])[:16])
+    killed = subprocess.run([sys.executable, "-c", KILLED_AFTER_COMMIT,
+                             *_learn_args(store_copy, "late", data, tiny_model, "--report-to", "jsonl")],
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    entry = Store(store_copy).read().tasks[-1]
+    tensors = [t.numpy().tobytes() for t in load_file(str(store_copy / entry.adapter / "adapter_model.safetensors"))
+               .values()]
+
+    def holding_them() -> set[str]:
+        return {str(p.relative_to(store_copy)).split("/")[0] for p in store_copy.rglob("*")
+                if p.is_file() and any(t in p.read_bytes() for t in tensors)}
+
+    assert entry.name == "late" and holding_them() == {"adapters", ".checkpoints"}
+    assert (store_copy / "logs" / "late" / "log.jsonl").is_file()
+    run_cli("forget", "--store", store_copy, "--task", stream[0][0].name, check=True)  # the next write of the store
+    assert holding_them() == {"adapters"} and not (store_copy / ".checkpoints").exists()
+    run_cli("forget", "--store", store_copy, "--task", "late", check=True)
+    assert holding_them() == set()
+    assert not [p for p in store_copy.rglob("*") if "late" in p.relative_to(store_copy).parts]
+    assert Store(store_copy).read().task_names == [t.name for t, _ in stream[1:]]
+
+
+def test_two_learns_of_one_task_never_remove_each_others_files(store_copy, tmp_path, stream, tiny_model):
+    """The first learn owns the task's checkpoints until its commit: a second learn of the task (same data, same
+    settings) and a forget of it are refused in one line and touch none of its files."""
+    import fcntl
+    import subprocess
+    import sys
+
+    name = stream[0][0].name
+    data = write_jsonl(tmp_path / "t.jsonl", task_rows(stream[0][0])[:16])
+    args = _learn_args(store_copy, name, data, tiny_model, "--replace")
+    with open(store_copy / ".lock", "a+") as writers:
+        fcntl.flock(writers, fcntl.LOCK_EX)  # the first learn trains, then waits here for its commit
+        first = subprocess.Popen([sys.executable, "-m", "switchcit", *args], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+        for line in first.stderr:
+            if "waiting for another writer" in line:
+                break
+        before = snapshot(store_copy)
+        assert any(k.startswith(f".checkpoints/{name}/") for k in before)
+        one_line_error(run_cli(*args), f"task '{name}' is being learned by another process")
+        assert snapshot(store_copy) == before and first.poll() is None
+        fcntl.flock(writers, fcntl.LOCK_UN)
+    assert first.wait(timeout=300) == 0, first.stderr.read()
+    assert not (store_copy / ".checkpoints").exists()
+    with Store(store_copy).owning(name):  # as a learn of it holds it
+        before = snapshot(store_copy)
+        one_line_error(run_cli("forget", "--store", store_copy, "--task", name), "is being learned by another process")
+        assert snapshot(store_copy) == before
+
+
+def test_a_full_disk_at_any_point_is_one_line_and_keeps_the_store(store_copy, tmp_path, stream, tiny_model):
+    """Each limit fails a different write of learn: PEFT's model card (OSError), the adapter (safetensors' os error
+    27), the optimizer state (torch.save's inline_container enforce fail), the memory, the switch. Each is one
+    line and keeps what was committed (a failed commit takes back what it wrote); export and import leave nothing
+    behind."""
+    def committed_state():  # all but the checkpoints that --resume continues from
+        return {k: v for k, v in snapshot(store_copy).items() if not k.startswith(".checkpoints/")}
+
+    data = write_jsonl(tmp_path / "t.jsonl", task_rows(stream[0][1])[:16])
+    committed = committed_state()
+    for limit in (1_000, 30_000, 100_000, 300_000, 1_000_000):
+        proc = _cli_limited(limit, *_learn_args(store_copy, "late", data, tiny_model))
+        one_line_error(proc, "learn 'late' stopped (")
+        assert "free space" in proc.stderr and "the store keeps its last committed state" in proc.stderr
+        assert committed_state() == committed
+    work = tmp_path / "work"
+    work.mkdir()
+    export_store(store_copy, work / "good.tar")
+    proc = _cli_limited(100_000, "export", "--store", store_copy, "--out", work / "out.tar")
+    one_line_error(proc, f"export to {work / 'out.tar'} stopped (File too large)")
+    assert "no bundle was written" in proc.stderr and "last committed state" not in proc.stderr
+    proc = _cli_limited(100_000, "import", work / "good.tar", "--store", work / "imported")
+    one_line_error(proc, f"import into {work / 'imported'} stopped (File too large)")
+    assert "nothing was imported" in proc.stderr and ".import-" not in proc.stderr
+    assert sorted(p.name for p in work.iterdir()) == ["good.tar"]
+    assert committed_state() == committed
+
+
+def test_resume_continues_only_the_same_run(store_copy, tmp_path, stream, tiny_model):
+    """A float32 learn cut short after its checkpoints (its memory file cannot be written) is not continued by
+    --resume --dtype bfloat16: the run key covers the base model's dtype. The same settings continue it."""
+    data = write_jsonl(tmp_path / "t.jsonl", task_rows(stream[0][1])[:16])
+    args = _learn_args(store_copy, "late", data, tiny_model, "--dtype", "float32")
+    one_line_error(_cli_limited(300_000, *args), "learn 'late' stopped (")
+    assert list(store_copy.glob(".checkpoints/late/*/checkpoint-2"))
+    before = snapshot(store_copy)
+    other = run_cli(*args[:-2], "--dtype", "bfloat16", "--resume")
+    one_line_error(other, "--resume: no checkpoint of this task for this data and configuration")
+    assert snapshot(store_copy) == before
+    same = run_cli(*args, "--resume", check=True)
+    assert "resuming from step 2" in same.stderr
+    assert Store(store_copy).read().task_names[-1] == "late" and not (store_copy / ".checkpoints").exists()
+
+
+def test_odd_input_is_one_line(store_copy, tmp_path, stream, tiny_model):
+    """A negative seed, a step larger than the data many times over, an empty prompt, a task name with a
+    newline in a manifest, a closed pipe: one line each (or a plain answer), the store as it was."""
+    import subprocess
+    import sys
+
+    before = snapshot(store_copy)
+    data = write_jsonl(tmp_path / "t.jsonl", task_rows(stream[0][0])[:40])
+    one_line_error(run_cli(*_learn_args(store_copy, "late", data, tiny_model, "--seed", "-1")),
+                   "seed (--seed) is -1: give a finite number in [0, 4294967295]")
+    one_line_error(run_cli(*_learn_args(store_copy, "late", data, tiny_model, "--grad-accum", "100000")),
+                   "= 800000 rows is more than the 40 training rows: give --grad-accum 5 or less")
+    routed = run_cli("route", "--store", store_copy, "", check=True)
+    assert routed.stdout == "base\t-\t\n" and routed.stderr == ""
+    shell = f"{sys.executable} -m switchcit tasks --store {store_copy} | head -c 0"
+    piped = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, timeout=120)
+    assert piped.stderr == ""  # the reader wanted nothing more: nothing to report, least of all a commit
+    assert snapshot(store_copy) == before
+    manifest = json.loads((store_copy / "manifest.json").read_text())
+    manifest["tasks"][0]["name"] = "two\nlines"
+    (store_copy / "manifest.json").write_text(json.dumps(manifest))
+    one_line_error(run_cli("tasks", "--store", store_copy), "tasks[0].name: invalid task name 'two\\nlines'")
+
+
+def test_damaged_stores_are_refused_when_opened(store_copy, trained_store, tmp_path):
+    """A store lacking a folder or file its manifest names is refused in one line by every command that opens it
+    (generate and serve at load, forget before it writes), and so is a bundle whose adapter lacks its config."""
+    import shutil
+
+    manifest = Store(store_copy).read()
+    shutil.rmtree(store_copy / manifest.tasks[1].adapter)
+    before = snapshot(store_copy)
+    lacks = f"lacks {manifest.tasks[1].adapter}/adapter_config.json, which its manifest names"
+    one_line_error(run_cli("generate", "--store", store_copy, "hello"), lacks)
+    one_line_error(run_cli("serve", "--store", store_copy, "--port", "0", timeout=120), lacks)
+    one_line_error(run_cli("forget", "--store", store_copy, "--task", manifest.tasks[0].name), lacks)
+    assert snapshot(store_copy) == before
+    no_switch = tmp_path / "no-switch"
+    shutil.copytree(trained_store, no_switch, ignore=shutil.ignore_patterns("switch"))
+    before = snapshot(no_switch)
+    one_line_error(run_cli("forget", "--store", no_switch, "--task", manifest.tasks[0].name),
+                   f"lacks {manifest.switch}/switch.json")
+    assert snapshot(no_switch) == before
+
+    files = _bundle_files(trained_store, tmp_path)
+    config = f"{manifest.tasks[0].adapter}/adapter_config.json"
+    del files[config]
+    bundle = _tar(tmp_path / "no-config.tar", _with_checksums(files))
+    one_line_error(run_cli("import", bundle, "--store", tmp_path / "imported"), f"lacks {config}")
+    assert not (tmp_path / "imported").exists()
+
+
+def test_import_streams_in_bounded_memory_and_refuses_unnamed_files(trained_store, tmp_path):
+    """Members stream to staging files one buffer at a time: a 256 MiB file that the manifest names is imported in
+    well under 256 MiB of memory, and refused likewise over --max-bytes; a file that no manifest entry names is
+    refused before a byte of it is written (the bundle would have put it beside adapters/, memory/, switch/)."""
+    import hashlib
+    import shutil
+    import subprocess
+    import sys
+
+    big = 256 * 2**20
+    files = _bundle_files(trained_store, tmp_path)
+    adapter = json.loads(files["manifest.json"])["tasks"][0]["adapter"]
+    zeros = hashlib.sha256()
+    for _ in range(big // 2**20):
+        zeros.update(bytes(2**20))
+
+    def bundle(name: str):
+        """An exported bundle plus `name`: `big` zero bytes, listed in checksums.json."""
+        members = _with_checksums(files)
+        listed = json.dumps({**json.loads(members[0][1]), name: zeros.hexdigest()}).encode()
+        path = tmp_path / f"{name.replace('/', '_')}.tar.gz"
+        with tarfile.open(path, "w:gz", compresslevel=1) as tar, open("/dev/zero", "rb") as source:
+            for member, data in [("checksums.json", listed), *members[1:]]:
+                info = tarfile.TarInfo(member)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            info = tarfile.TarInfo(name)
+            info.size = big
+            tar.addfile(info, source)
+        return path
+
+    def imported(path, *extra) -> tuple[subprocess.CompletedProcess, int]:
+        """`switchcit import` in a process of its own, and its peak resident memory in bytes (VmHWM: getrusage
+        would also count the pytest process it was forked from)."""
+        measure = ("import re, sys\nfrom switchcit.cli import main\ncode = main(sys.argv[1:])\n"
+                   "print(re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read())[1], file=sys.stderr)\n"
+                   "sys.exit(code)")
+        proc = subprocess.run([sys.executable, "-c", measure, "import", str(path), "--store",
+                               str(tmp_path / "imported"), *extra], capture_output=True, text=True, timeout=600)
+        return proc, int(proc.stderr.split()[-1]) * 1024
+
+    inside = bundle(f"{adapter}/extra.bin")  # a file under a folder the manifest names: allowed
+    proc, peak = imported(inside, "--max-bytes", "64MiB")
+    assert "unpacks to more than 67108864 bytes" in proc.stderr and peak < big / 4, proc.stderr
+    proc, peak = imported(inside)
+    assert proc.returncode == 0 and peak < big / 4, proc.stderr
+    assert (tmp_path / "imported" / adapter / "extra.bin").stat().st_size == big
+    shutil.rmtree(tmp_path / "imported")
+    proc, peak = imported(bundle("junk/zeros"))
+    assert "holds 'junk/zeros', which its manifest does not name: refusing it" in proc.stderr and peak < big / 4
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith("tar.gz")) == ["exported.tar"]

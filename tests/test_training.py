@@ -141,3 +141,21 @@ def test_a_four_bit_base_without_a_gpu_is_one_line(tmp_path, words, tiny_model):
     proc = _learn(tmp_path / "store", words, tiny_model, "--dtype", "nf4", "--device", "cpu", check=False)
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1
     assert "needs a CUDA GPU and the bitsandbytes package" in proc.stderr
+
+
+def test_the_import_arrow_runs_one_way():
+    """experts.py (the expert's knobs, training it) -> training.py (the Trainer) -> supervision.py (rows, batches,
+    the answer-only loss); nothing imports back but the config's name, for annotations."""
+    import ast
+
+    from switchcit import experts, supervision, training
+
+    def imported(module) -> set[str]:
+        tree = ast.parse(Path(module.__file__).read_text())
+        typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
+                       and getattr(block.test, "id", None) == "TYPE_CHECKING" for n in ast.walk(block)}
+        return {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level and n.module
+                and id(n) not in typing_only}
+
+    assert "training" in imported(experts) and "supervision" in imported(training)
+    assert not {"experts", "training"} & imported(supervision) and "experts" not in imported(training)

@@ -4,18 +4,32 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 
 from .bench import add_parser as add_bench_parser
 from .bench import cmd_bench
 from .bundle import MAX_BYTES
-from .errors import SwitchcitError
+from .errors import SwitchcitError, one_line, write_failure
 from .experts import ExpertConfig
 from .memory import MemoryConfig
 from .options import config_from, config_options, fallback_option, model_options
 from .serve import add_parser as add_serve_parser
 from .serve import cmd_serve
 from .switch import SwitchConfig
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,
+          "gib": 2**30, "tib": 2**40}
+
+
+def _byte_count(text: str) -> int:
+    """A number of bytes, with an optional unit: 1000000, 512MiB, 8GiB, 1.5GB."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    if not match or match[2].lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: give bytes, or a number with KiB, MiB, GiB, KB, "
+                                         "MB or GB")
+    return int(float(match[1]) * _UNITS[match[2].lower()])
 
 
 def _prompt_options(p: argparse.ArgumentParser) -> None:
@@ -72,8 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("import", help="unpack a bundle made by `export` into a new store folder")
     p.add_argument("bundle")
     p.add_argument("--store", required=True, help="new (or empty) folder for the store")
-    p.add_argument("--max-bytes", type=int, default=MAX_BYTES,
-                   help=f"most bytes the bundle may unpack to (default: {MAX_BYTES})")
+    p.add_argument("--max-bytes", type=_byte_count, default=MAX_BYTES, metavar="SIZE",
+                   help=f"most bytes the bundle may unpack to, e.g. 512MiB (default: {MAX_BYTES // 2**30}GiB)")
 
     p = sub.add_parser("demo", help="learn the built-in 4-task stream on the embedded model and report")
     p.add_argument("--store", default=None, help="keep the demo store here (default: a temporary folder)")
@@ -112,7 +126,7 @@ def _prompts(args) -> list[str]:
 def cmd_learn(args) -> None:
     from .continual import ContinualModel
     from .data import Task, load_examples
-    from .store import KINDS, Store
+    from .store import KINDS, LOGS, Store
 
     expert = config_from(args, ExpertConfig)  # bad options fail first, before any data is read
     memory = config_from(args, MemoryConfig, seed=expert.seed)
@@ -122,7 +136,7 @@ def cmd_learn(args) -> None:
         raise SwitchcitError("give --eval-data or --eval-fraction, not both")
     eval_examples = load_examples(args.eval_data) if args.eval_data else None
     store = Store(args.store)
-    ours = {"logs", *KINDS}  # what a first learn that was interrupted can leave; the next commit sweeps it
+    ours = {LOGS, *KINDS}  # what a first learn that was interrupted can leave; the next commit sweeps it
     if not store.exists() and store.root.exists() and any(p.name not in ours and not p.name.startswith(".")
                                                           for p in store.root.iterdir()):
         raise SwitchcitError(f"{args.store} exists and is not a switchcit store: choose an empty or new folder")
@@ -143,7 +157,7 @@ def cmd_route(args) -> None:
             print(json.dumps({"prompt": prompt, "task": r.task, "confidence": r.confidence}))
         else:
             conf = "-" if r.confidence is None else f"{r.confidence:.3f}"
-            print(f"{r.task}\t{conf}\t{prompt.splitlines()[0]}")
+            print(f"{r.task}\t{conf}\t{(prompt.splitlines() or [''])[0]}")
 
 
 def cmd_generate(args) -> None:
@@ -206,21 +220,43 @@ COMMANDS = {"learn": cmd_learn, "route": cmd_route, "generate": cmd_generate, "t
             "demo": cmd_demo}
 
 
+# What an interrupted command leaves, for the commands that write something.
+_AFTER_INTERRUPT = {"learn": "the store keeps its last committed state (learn again with --resume to continue from "
+                             "the last checkpoint)",
+                    "forget": "the store keeps its last committed state", "import": "nothing was imported",
+                    "export": "no bundle was written"}
+
+
+def _fail(message: str, code: int = 1) -> int:
+    print(f"switchcit: {one_line(message)}", file=sys.stderr)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run a command; whatever stops it is one line on stderr and a non-zero exit, never a traceback
+    (SWITCHCIT_TRACEBACK=1 shows it for an unexpected error)."""
     args = build_parser().parse_args(argv)
     try:
         COMMANDS[args.command](args)
+        sys.stdout.flush()  # a closed pipe is reported here, not by the interpreter on its way out
     except SwitchcitError as exc:
-        print(f"switchcit: error: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:  # disk full, permissions, ...: the store keeps its last committed state
-        where = f" ({exc.filename})" if exc.filename else ""
-        print(f"switchcit: error: {exc.strerror or exc}{where}; the store keeps its last committed state",
-              file=sys.stderr)
-        return 1
+        return _fail(f"error: {exc}")
+    except BrokenPipeError:  # `switchcit tasks | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the final flush is silent too
+        return 141  # what a shell reports for a process ended by SIGPIPE
     except KeyboardInterrupt:
-        print("switchcit: interrupted; the store keeps its last committed state", file=sys.stderr)
-        return 130
+        after = _AFTER_INTERRUPT.get(args.command)
+        return _fail("interrupted" + (f"; {after}" if after else ""), 130)
+    except Exception as exc:
+        if os.environ.get("SWITCHCIT_TRACEBACK"):
+            raise
+        why = write_failure(exc)
+        if why is not None:
+            where = f" ({exc.filename})" if isinstance(exc, OSError) and exc.filename else ""
+            return _fail(f"error: {why}{where}")
+        first = (str(exc).strip().splitlines() or [""])[0]
+        return _fail(f"error: unexpected {type(exc).__name__}: {first} (set SWITCHCIT_TRACEBACK=1 to see where, and "
+                     "please report it)")
     return 0
 
 

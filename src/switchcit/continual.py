@@ -3,14 +3,15 @@ A thin facade: the adapter pool owns the model, the store what is on disk, trans
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import replace as with_fields
 from pathlib import Path
 
 from .adapters import BASE, TRAINING, AdapterPool
 from .data import Example, Task
 from .encoders import DEFAULT_ENCODER, Encoder, load_encoder
-from .errors import SwitchcitError
-from .experts import ExpertConfig, data_parallel, train_expert
+from .errors import SwitchcitError, failed_writes
+from .experts import ExpertConfig, train_expert
 from .gaussian import GaussianSwitch
 from .generation import Generation, Route, forced_routes, generate_routed
 from .memory import MemoryConfig, load_switch
@@ -91,44 +92,61 @@ class ContinualModel:
               eval_examples: list[Example] | None = None, resume: bool = False) -> TaskEntry | None:
         """Train `task`'s adapter, then rebuild the switch with it; None in data-parallel helper processes.
         Nothing the store's readers see changes until the final atomic commit; an interrupted call leaves
-        only its trainer checkpoints, which `resume` continues from."""
+        only its trainer checkpoints, which `resume` continues from. One process at a time learns a task."""
         import torch
 
-        from .training import drop_checkpoints, store_run
+        from .training import data_parallel, run_key
 
         config = expert_config or self.expert_config
         task.check_outputs()
+        rank, processes = data_parallel()
+        config.steps_for(len(task.examples), processes)  # a step larger than the data is refused before any work
         self._check_store(task.name, replace)
-        rank, _ = data_parallel()
-        features = self.encoder.encode(task.prompts) if rank == 0 else None
-        torch.manual_seed(config.seed)  # LoRA A matrices are initialised at random: same seed, same adapter
-        with self.adapters.training(config.lora()) as peft:
-            stats = train_expert(peft, TRAINING, task.examples, self.tokenizer, config, self.progress,
-                                 f"learn {task.name}", eval_examples=eval_examples, resume=resume,
-                                 **store_run(self.store, task, config, self.base_reference))
-            if rank > 0:  # data-parallel helpers train; only the first process writes the store
-                return None
-            with self.store.lock(create=True):
-                self.manifest = self.store.read() if self.store.exists() else Manifest(
-                    self.base_reference, fingerprint(self.adapters.base), self.encoder_reference, features.shape[1],
-                    self.memory_config.fraction, self.memory_config.min_per_task, self.switch_config.kind)
-                self._check_store(task.name, replace)
-                entry = write_task(self.store, task, features, stats, config, self.memory_config, self.switch_config)
-                tasks = [*[t for t in self.tasks if t.name != task.name], entry]
-                self.manifest, self._switch = commit(self.store, self.manifest, tasks, self.switch_config,
-                                                     {task.name: features})
-                drop_checkpoints(self.store, task.name)
+        root = self.store.root
+        with failed_writes(f"learn '{task.name}'", f"free space or fix permissions in {root}, then learn again "
+                           "(--resume continues from the last checkpoint); the store keeps its last committed state"), \
+                self.store.owning(task.name) if rank == 0 else nullcontext(self.store.checkpoints(task.name)) as runs:
+            features = self.encoder.encode(task.prompts) if rank == 0 else None
+            torch.manual_seed(config.seed)  # LoRA A matrices are initialised at random: same seed, same adapter
+            with self.adapters.training(config.lora()) as peft:
+                run = run_key(task.examples, eval_examples, config, self.adapters.base, self.base_reference)
+                log_dir = Path(config.log_dir) if config.log_dir else self.store.logs(task.name)
+                stats = train_expert(peft, TRAINING, task.examples, self.tokenizer, config, self.progress,
+                                     f"learn {task.name}", eval_examples=eval_examples, resume=resume,
+                                     run_dir=runs / run, log_dir=log_dir)
+                if rank > 0:  # data-parallel helpers train; only the first process writes the store
+                    return None
+                with self.store.change(create=True):
+                    self.manifest = self.store.read() if self.store.exists() else Manifest(
+                        self.base_reference, fingerprint(self.adapters.base), self.encoder_reference,
+                        features.shape[1], self.memory_config.fraction, self.memory_config.min_per_task,
+                        self.switch_config.kind)
+                    self._check_store(task.name, replace)
+                    entry = write_task(self.store, task, features, stats, config, self.memory_config,
+                                       self.switch_config, run)
+                    tasks = [*[t for t in self.tasks if t.name != task.name], entry]
+                    self.manifest, self._switch = commit(self.store, self.manifest, tasks, self.switch_config,
+                                                         {task.name: features})
+                    self.store.drop_checkpoints(task.name)
         self.refresh()
         return entry
 
     def forget(self, name: str) -> None:
-        """Remove a task: its adapter, its memory and its class in the switch (rebuilt without it), atomically."""
-        with self.store.lock():
+        """Remove a task: its adapter, memory, checkpoints and logs in the store, and its class in the switch
+        (rebuilt without it), atomically; the previous generation's files, which hold it too, go at once."""
+        root = self.store.root
+        with failed_writes(f"forget '{name}'", f"free space or fix permissions in {root}, then forget again; the "
+                           "store keeps its last committed state"), self.store.change():
             self.manifest = self.store.read()
-            if name not in self.task_names:
-                raise SwitchcitError(f"task '{name}' is not in store {self.store.root}: known are {self.task_names}")
-            self.manifest, self._switch = commit(self.store, self.manifest, [t for t in self.tasks if t.name != name],
-                                                 self.switch_config, {}, keep_previous=False)
+            if name not in self.task_names and not self.store.leftovers(name):
+                raise SwitchcitError(f"task '{name}' is not in store {root}: known are {self.task_names}")
+            with self.store.owning(name):
+                self.store.drop_checkpoints(name)
+                self.store.drop_logs(name)
+                if name in self.task_names:
+                    self.manifest, self._switch = commit(self.store, self.manifest,
+                                                         [t for t in self.tasks if t.name != name],
+                                                         self.switch_config, {}, keep_previous=False)
         self.refresh()
 
     def _check_store(self, name: str, replace: bool) -> None:
@@ -139,7 +157,7 @@ class ContinualModel:
         if name in self.task_names and not replace:
             raise SwitchcitError(f"task '{name}' is already in store {self.store.root}: pass replace=True "
                                  "(--replace) to retrain it, or choose another name")
-        self.store.check_ready(self.manifest)
+        self.store.check_ready()
         self._check_base(self.adapters.base)
 
     def route(self, prompts: list[str]) -> list[Route]:

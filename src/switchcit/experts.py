@@ -1,21 +1,21 @@
-"""Train one LoRA expert for one task on the frozen base model (PEFT), loss on answer tokens only."""
+"""One LoRA expert for one task on the frozen base model (PEFT): its knobs, and training it with only its
+own weights trainable. The training itself is training.py's (transformers' `Trainer`), on rows,
+batches and a loss from supervision.py: experts -> training -> supervision, never back."""
 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
-from .data import Example, encode_answer, encode_prompt
 from .errors import SwitchcitError
-from .generation import left_pad
 from .settings import check_ranges, knob
 
 if TYPE_CHECKING:
-    import torch
     from peft import LoraConfig, PeftModel
     from transformers import PreTrainedTokenizerBase
+
+    from .data import Example
 
 
 REPORTERS = ("none", "jsonl", "tensorboard", "wandb")
@@ -50,7 +50,8 @@ class ExpertConfig:
     report_to: str = knob("none", "--report-to", "where training logs go", choices=REPORTERS)
     log_dir: str | None = knob(None, "--log-dir", "folder for jsonl and tensorboard logs (default: "
                                "STORE/logs/TASK)")
-    seed: int = knob(0, "--seed", "seed of the LoRA initialisation, the data order and the memory sample")
+    seed: int = knob(0, "--seed", "seed of the LoRA initialisation, the data order and the memory sample",
+                     low=0, high=2**32 - 1)  # numpy's range: the Trainer seeds numpy with it
 
     def __post_init__(self) -> None:
         check_ranges(self)
@@ -63,8 +64,14 @@ class ExpertConfig:
         return self.alpha if self.alpha is not None else 2 * self.r
 
     def steps_for(self, n_examples: int, processes: int = 1) -> int:
-        per_epoch = math.ceil(n_examples / (self.batch_size * self.grad_accum * processes))
-        steps = max(1, math.ceil(per_epoch * self.epochs))
+        """Optimizer steps for `n_examples` rows; refuses accumulation that only re-reads the same rows."""
+        step = self.batch_size * self.grad_accum * processes
+        if self.grad_accum > 1 and step > n_examples:
+            most = max(1, n_examples // (self.batch_size * processes))
+            raise SwitchcitError(f"one optimizer step of batch_size x grad_accum x processes = {self.batch_size} x "
+                                 f"{self.grad_accum} x {processes} = {step} rows is more than the {n_examples} "
+                                 f"training rows: give --grad-accum {most} or less (or more data)")
+        steps = max(1, math.ceil(math.ceil(n_examples / step) * self.epochs))
         return min(steps, self.max_steps) if self.max_steps else steps
 
     def lora(self) -> LoraConfig:
@@ -77,48 +84,6 @@ class ExpertConfig:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "alpha": self.lora_alpha}
-
-
-def tokenize_example(tokenizer: PreTrainedTokenizerBase, example: Example, max_length: int) -> dict[str, list]:
-    """{input_ids, labels} with the prompt masked out of the loss; long rows keep their answer end. The first
-    token is never a target (nothing precedes it), so the Trainer's count of targets equals the loss's."""
-    prompt = encode_prompt(tokenizer, example.prompt)
-    answer = encode_answer(tokenizer, example.output or "")
-    ids = (prompt + answer)[-max_length:]
-    labels = ([-100] * len(prompt) + answer)[-max_length:]
-    return {"input_ids": ids, "labels": [-100, *labels[1:]]}
-
-
-def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Left-padded batch of {input_ids, labels} rows: every answer ends at the last position, so logits are
-    needed only for a short tail."""
-    ids, mask = left_pad([r["input_ids"] for r in rows], pad_id)
-    labels, _ = left_pad([r["labels"] for r in rows], pad_id, fill=-100)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "labels": labels}
-
-
-def answer_loss(model, batch: dict[str, torch.Tensor], normalizer: torch.Tensor | int | None = None) -> torch.Tensor:
-    """Cross-entropy summed over answer tokens / `normalizer` (default: their count, i.e. the mean).
-
-    The LM head runs only over the answer tail (~20% less work on a small model). The Trainer passes the
-    answer tokens of the whole accumulated batch, so accumulated micro-batches add up to one big batch.
-    """
-    import torch.nn.functional as F
-
-    labels = batch["labels"]
-    tail = int((labels != -100).sum(dim=1).max())
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs, logits_to_keep=tail + 1).logits[:, :-1]
-    total = F.cross_entropy(logits.flatten(0, 1).float(), labels[:, -tail:].flatten(), ignore_index=-100,
-                            reduction="sum")
-    return total / (normalizer if normalizer is not None else int((labels != -100).sum()))
-
-
-def data_parallel() -> tuple[int, int]:
-    """(rank, world size) as `torchrun` and `accelerate launch` set them; the Trainer joins the process group.
-    Read from the environment: making accelerate's state here would fix it before the Trainer picks its device."""
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def train_expert(model: PeftModel, adapter_name: str, examples: list[Example], tokenizer: PreTrainedTokenizerBase,

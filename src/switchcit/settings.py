@@ -34,5 +34,9 @@ def check_ranges(config: object) -> None:
         high = math.inf if meta["high"] is None else meta["high"]
         inside = (low < value if meta["open_low"] else low <= value) and value <= high
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or not inside:
-            bound = f"{'(' if meta['open_low'] else '['}{low:g}, {high:g}]"
+            bound = f"{'(' if meta['open_low'] else '['}{_number(low)}, {_number(high)}]"
             raise SwitchcitError(f"{where} is {value!r}: give a finite number in {bound}")
+
+
+def _number(bound: float) -> str:
+    return str(int(bound)) if math.isfinite(bound) and bound == int(bound) else f"{bound:g}"

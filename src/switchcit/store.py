@@ -4,6 +4,10 @@ New files always go to fresh, never-reused paths that nothing references yet; th
 replaced in one `os.replace`. A crash at any moment leaves the previous manifest and every file it
 names intact; files that no manifest names are swept after the next successful commit. Writers
 hold an OS advisory lock (`flock` on `.lock`), which the kernel releases when a process dies.
+
+Besides what the manifest names, a task has at most two folders keyed by its name, both removed by
+`forget`: `.checkpoints/<task>/` (the trainer's checkpoints of a learn not yet committed, owned by one
+process at a time through its own lock) and `logs/<task>/`.
 """
 
 from __future__ import annotations
@@ -17,11 +21,11 @@ import shutil
 import sys
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import MISSING, asdict, dataclass, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 from .errors import SwitchcitError
 from .switch import ROUTERS
@@ -33,6 +37,11 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 LOCK = ".lock"
 KINDS = ("adapters", "switch", "memory")
+CHECKPOINTS = ".checkpoints"  # .checkpoints/<task>/<run key>/: a learn's trainer checkpoints until its commit
+LOGS = "logs"  # logs/<task>/: a learn's jsonl and tensorboard logs (unless --log-dir says elsewhere)
+# The files a manifest's folders must hold: what PEFT's save_pretrained and the switches' save write.
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+SWITCH_FILES = ("switch.json", "switch.safetensors")
 # Every path a manifest may name, as `fresh` makes them: nothing absolute, no '..', nothing outside its kind.
 _FRESH = r"[0-9a-f]{12}"
 _PATHS = {"adapter": re.compile(rf"adapters/(?P<name>[^/]+)/{_FRESH}"),
@@ -40,8 +49,9 @@ _PATHS = {"adapter": re.compile(rf"adapters/(?P<name>[^/]+)/{_FRESH}"),
           "switch": re.compile(rf"switch/v[0-9]+/{_FRESH}")}
 
 
+_RUN = re.compile(r"[0-9a-f]{16}")  # a run key (training.run_key): a folder name under .checkpoints/<task>/
 _ENTRY_TYPES = {"examples": int, "memory_size": int, "steps": int, "final_loss": (int, float), "lora": dict,
-                "eval_loss": (int, float, type(None))}
+                "eval_loss": (int, float, type(None)), "run": (str, type(None))}
 
 
 def _checked(entry: TaskEntry, index: int) -> TaskEntry:
@@ -61,6 +71,8 @@ def _checked(entry: TaskEntry, index: int) -> TaskEntry:
         if not match or match["name"] != entry.name:
             raise ValueError(f"tasks[{index}].{field_name} {getattr(entry, field_name)!r} is not a path of this "
                              "task inside the store")
+    if entry.run is not None and not _RUN.fullmatch(entry.run):
+        raise ValueError(f"tasks[{index}].run {entry.run!r} is not a run key")
     return entry
 
 
@@ -78,6 +90,7 @@ class TaskEntry:
     lora: dict
     learned_at: str
     eval_loss: float | None = None  # on the held-out data, when learn was given some
+    run: str | None = None  # the run key of the learn that made it: its checkpoints go at the next commit
 
     @classmethod
     def from_json(cls, data: dict) -> TaskEntry:  # checked by Manifest.from_json
@@ -123,6 +136,12 @@ class Manifest:
     def live_paths(self) -> list[str]:
         return ([self.switch] if self.switch else []) + [p for t in self.tasks for p in (t.adapter, t.memory)]
 
+    def required_files(self) -> list[str]:
+        """Every file the store must hold for this manifest: the switch's, each adapter's and each memory."""
+        switch = [f"{self.switch}/{name}" for name in SWITCH_FILES] if self.switch else []
+        return switch + [p for t in self.tasks for p in (*(f"{t.adapter}/{name}" for name in ADAPTER_FILES),
+                                                           t.memory)]
+
     @classmethod
     def from_json(cls, data: dict) -> Manifest:
         """The manifest of a parsed manifest.json; ValueError or KeyError naming the first bad field."""
@@ -163,6 +182,30 @@ class Manifest:
                 "generation": self.generation, "created_at": self.created_at, "updated_at": self.updated_at}
 
 
+class NewerFormat(ValueError):
+    """A manifest written by a newer switchcit."""
+
+
+def parse_manifest(text: str) -> Manifest:
+    """The Manifest of a manifest.json's text; ValueError naming the first thing wrong (NewerFormat if it is
+    a later format than this switchcit reads)."""
+    try:
+        data = json.loads(text)
+        if not isinstance(data, dict) or "format" not in data:
+            raise ValueError("missing keys")
+        if not isinstance(data["format"], int) or isinstance(data["format"], bool):
+            raise ValueError(f"format {data['format']!r} is not a whole number")
+        if data["format"] > FORMAT_VERSION:
+            raise NewerFormat(f"has format {data['format']}, newer than this switchcit understands "
+                              f"({FORMAT_VERSION}): upgrade switchcit")
+        return Manifest.from_json(data)
+    except NewerFormat:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+        raise ValueError(f"missing field {exc}" if isinstance(exc, KeyError) else str(exc) or type(exc).__name__
+                         ) from None
+
+
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -180,6 +223,7 @@ class Store:
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
+        self._made: list[str] | None = None  # fresh paths handed out during a change, until its commit
         if self.root.exists() and not self.root.is_dir():
             raise SwitchcitError(f"{self.root} is a file, not a store folder: give a folder")
 
@@ -191,24 +235,32 @@ class Store:
         return self.manifest_path.exists()
 
     def read(self) -> Manifest:
-        """The current manifest; a clear error if the store is missing, corrupt or too new."""
+        """The current manifest; a clear error if the store is missing, corrupt, too new, or lacks a file it
+        names (the one check of the store's shape, so every command refuses a damaged store when it opens it)."""
         if not self.exists():
             raise SwitchcitError(f"no switchcit store at {self.root}: create one with `switchcit learn --store "
                                  f"{self.root} --task NAME --data FILE.jsonl`")
+        manifest = self._parse()
+        missing = self.missing(manifest)
+        if missing and (again := self._parse()) != manifest:  # a writer committed meanwhile: check its state
+            manifest, missing = again, self.missing(again)
+        if missing:
+            raise SwitchcitError(f"store {self.root} lacks {missing}, which its manifest names: restore it from a "
+                                 "backup (or an exported bundle)")
+        return manifest
+
+    def _parse(self) -> Manifest:
         try:
-            data = json.loads(self.manifest_path.read_text(encoding="utf-8"))
-            if not isinstance(data, dict) or "format" not in data:
-                raise ValueError("missing keys")
-            if not isinstance(data["format"], int) or isinstance(data["format"], bool):
-                raise ValueError(f"format {data['format']!r} is not a whole number")
-            if data["format"] > FORMAT_VERSION:
-                raise SwitchcitError(f"{self.manifest_path} has format {data['format']}, newer than this "
-                                     f"switchcit understands ({FORMAT_VERSION}): upgrade switchcit")
-            return Manifest.from_json(data)
-        except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError, RecursionError, OSError) as exc:
-            what = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc) or type(exc).__name__
-            raise SwitchcitError(f"{self.manifest_path} is corrupt ({what}): restore it from a backup or start a "
+            return parse_manifest(self.manifest_path.read_text(encoding="utf-8"))
+        except NewerFormat as exc:
+            raise SwitchcitError(f"{self.manifest_path} {exc}") from None
+        except (ValueError, OSError) as exc:
+            raise SwitchcitError(f"{self.manifest_path} is corrupt ({exc}): restore it from a backup or start a "
                                  "new store") from None
+
+    def missing(self, manifest: Manifest) -> str | None:
+        """The first file `manifest` requires that is not a file in this store, if any."""
+        return next((f for f in manifest.required_files() if not self.path(f).is_file()), None)
 
     def memory(self, task: TaskEntry) -> TaskMemory:
         """What the store keeps of one task for routing (the one way to read it)."""
@@ -233,7 +285,31 @@ class Store:
 
     def fresh(self, kind: str, name: str, suffix: str = "") -> str:
         """A new relative path `kind/name/<random><suffix>` that no manifest can name yet."""
-        return f"{kind}/{name}/{uuid.uuid4().hex[:12]}{suffix}"
+        relative = f"{kind}/{name}/{uuid.uuid4().hex[:12]}{suffix}"
+        if self._made is not None:
+            self._made.append(relative)
+        return relative
+
+    @contextmanager
+    def change(self, create: bool = False) -> Iterator[None]:
+        """A change of the store under the writer lock: if it fails before its commit, the files it wrote at
+        fresh paths go again, so a failed change (a full disk) leaves the store as it was."""
+        with self.lock(create=create):
+            self._made = []
+            try:
+                yield
+            except BaseException:
+                for relative in self._made:  # not yet named by any manifest: the commit did not happen
+                    path = self.path(relative)
+                    if _real_dir(path):
+                        shutil.rmtree(path)
+                    elif path.is_file():
+                        path.unlink()
+                    with suppress(OSError):
+                        path.parent.rmdir()  # the task's or generation's folder, when it was made for them
+                raise
+            finally:
+                self._made = None
 
     @contextmanager
     def lock(self, create: bool = False, shared: bool = False) -> Iterator[None]:
@@ -263,13 +339,81 @@ class Store:
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
-    def check_ready(self, manifest: Manifest | None) -> None:
-        """Refuse, before hours of training are spent on it, a store that lacks a file its manifest names or
-        that cannot be written now."""
-        missing = [p for p in manifest.live_paths() if not self.path(p).exists()] if manifest else []
-        if missing:
-            raise SwitchcitError(f"store {self.root} lacks {missing[0]}, which its manifest names: restore it "
-                                 "from a backup, or forget its task")
+    def checkpoints(self, task: str) -> Path:
+        """The folder of a task's trainer checkpoints, one subfolder per run key."""
+        return self.path(f"{CHECKPOINTS}/{task}")
+
+    def logs(self, task: str) -> Path:
+        return self.path(f"{LOGS}/{task}")
+
+    @contextmanager
+    def owning(self, task: str) -> Iterator[Path]:
+        """Own a task's checkpoint folder for the block (a `flock` on its own `.lock`), so that two learns, or a
+        learn and a forget, of one task never remove each other's files: the second is refused in one line.
+        Yields the folder; it is removed on the way out when nothing but the lock is left in it."""
+        handle = self._claim(task)
+        if handle is None:
+            raise SwitchcitError(f"task '{task}' is being learned by another process in store {self.root}: wait "
+                                 "for it to end (or stop it), then try again")
+        try:
+            yield self.checkpoints(task)
+        finally:
+            self._release(task, handle)
+
+    def _claim(self, task: str) -> IO | None:
+        """The locked lock file of a task's checkpoint folder, or None while another process holds it."""
+        folder = self.checkpoints(task)
+        for _ in range(100):
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                handle = open(folder / LOCK, "a+")  # noqa: SIM115 - closed by _release
+            except FileNotFoundError:
+                continue  # its last owner removed the folder as we made it
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                return None
+            with suppress(FileNotFoundError):
+                if os.path.samestat(os.fstat(handle.fileno()), os.stat(folder / LOCK)):
+                    return handle
+            handle.close()  # its last owner removed this lock file as we opened it: claim the next one
+        raise SwitchcitError(f"cannot lock {folder}: another process keeps removing it; try again")
+
+    def _release(self, task: str, handle: IO) -> None:
+        folder = self.checkpoints(task)
+        with handle:  # closing it releases the lock, after the folder is gone
+            if [p.name for p in folder.iterdir()] == [LOCK]:
+                (folder / LOCK).unlink()
+                folder.rmdir()
+                with suppress(OSError):
+                    folder.parent.rmdir()  # .checkpoints, once no task has any
+
+    def drop_checkpoints(self, task: str) -> None:
+        """Delete every run of a task's checkpoints; call it owning the task."""
+        for run in self.checkpoints(task).iterdir():
+            if run.name != LOCK:
+                shutil.rmtree(run) if _real_dir(run) else run.unlink()
+
+    def leftovers(self, task: str) -> bool:
+        """Whether a task has checkpoints or logs in the store (a learn that never committed leaves them)."""
+        from .data import check_task_name
+
+        try:
+            check_task_name(task)
+        except SwitchcitError:
+            return False  # no such folder can exist, and the name must not reach a path
+        return any(self.root.joinpath(kind, task).exists() for kind in (CHECKPOINTS, LOGS))
+
+    def drop_logs(self, task: str) -> None:
+        logs = self.logs(task)
+        if _real_dir(logs):
+            shutil.rmtree(logs)
+        with suppress(OSError):
+            logs.parent.rmdir()  # logs/, once no task has any
+
+    def check_ready(self) -> None:
+        """Refuse, before hours of training are spent on it, a store that cannot be written now."""
         self.root.mkdir(parents=True, exist_ok=True)
         probe = self.root / f".write-test.{uuid.uuid4().hex[:8]}"
         try:
@@ -290,11 +434,16 @@ class Store:
                     with open(path, "rb") as handle:
                         os.fsync(handle.fileno())
         staging = self.root / f".{MANIFEST}.{uuid.uuid4().hex[:8]}.tmp"
-        with open(staging, "w", encoding="utf-8") as handle:
-            json.dump(manifest.to_json(), handle, indent=2)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(staging, self.manifest_path)
+        try:
+            with open(staging, "w", encoding="utf-8") as handle:
+                json.dump(manifest.to_json(), handle, indent=2)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(staging, self.manifest_path)
+        finally:
+            staging.unlink(missing_ok=True)
+        if self._made is not None:
+            self._made.clear()  # named by the manifest now
         _fsync_dir(self.root)
         self.sweep(manifest, keep)
         return manifest
@@ -313,6 +462,13 @@ class Store:
                     shutil.rmtree(entry) if _real_dir(entry) else entry.unlink()
                 if not any(group.iterdir()):
                     group.rmdir()
+        for task in manifest.tasks:  # a committed run's checkpoints: a learn killed after its commit leaves them
+            folder = self.root / CHECKPOINTS / task.name
+            if task.run and all(map(_real_dir, (folder.parent, folder, folder / task.run))):
+                handle = self._claim(task.name)
+                if handle is not None:  # else a learn of the task runs now; it drops them at its own commit
+                    shutil.rmtree(folder / task.run)
+                    self._release(task.name, handle)
         for pattern in (f".{MANIFEST}.*.tmp", ".write-test.*"):  # left by killed commands
             for stale in self.root.glob(pattern):
                 if stale.is_file() and not stale.is_symlink():

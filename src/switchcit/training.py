@@ -3,18 +3,19 @@ precision, evaluation, logging, resumable checkpoints and every `accelerate` bac
 DeepSpeed) come from it.
 
 `Trainer` rather than TRL's `SFTTrainer`: switchcit tokenizes its own chat rows with the prompt masked
-out of the loss (experts.py); what `SFTTrainer` adds on top (dataset formatting, packing, chat
-templates) would be switched off, and it would be one more fast-moving dependency. What is ours:
-the loss (answer tokens only, the LM head over the answer tail alone), switchcit's warm-up-then-linear
-schedule (no step at a zero learning rate), a progress bar that shows the loss instead of printing it,
-a JSONL log, and where checkpoints live (STORE/.checkpoints/TASK/KEY, KEY a hash of the data and the
-configuration, so that `--resume` never continues a different run).
+out of the loss (supervision.py: the rows, their batches and the loss on answer tokens only); what
+`SFTTrainer` adds on top (dataset formatting, packing, chat templates) would be switched off, and it
+would be one more fast-moving dependency. What is ours: switchcit's warm-up-then-linear schedule (no
+step at a zero learning rate), a progress bar that shows the loss instead of printing it, a JSONL log,
+and the run key that names a run's checkpoints (STORE/.checkpoints/TASK/KEY, KEY a hash of everything
+that changes the result, so that `--resume` never continues a different run).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import shutil
 import sys
@@ -26,15 +27,14 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from .errors import SwitchcitError
-from .experts import ExpertConfig, answer_loss, collate, data_parallel, tokenize_example
+from .supervision import answer_loss, collate, tokenize_example
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from .data import Example, Task
-    from .store import Store
+    from .data import Example
+    from .experts import ExpertConfig  # for annotations only: experts.py imports this module, not the reverse
 
-CHECKPOINTS = ".checkpoints"  # in a store: trainer checkpoints of unfinished learns, by task and run key
 _COMPLETE = "trainer_state.json"  # the Trainer writes it last: a checkpoint without it was cut short
 
 
@@ -132,13 +132,27 @@ class JsonlLogger(TrainerCallback):
                 f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
 
 
-def run_key(examples: list[Example], config: ExpertConfig, base: str, processes: int) -> str:
-    """What a resumed run must share with the run it continues: data, training settings, base model, processes."""
+def data_parallel() -> tuple[int, int]:
+    """(rank, world size) as `torchrun` and `accelerate launch` set them; the Trainer joins the process group.
+    Read from the environment: making accelerate's state here would fix it before the Trainer picks its device."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def run_key(examples: list[Example], eval_examples: list[Example] | None, config: ExpertConfig, base,
+            reference: str) -> str:
+    """What a resumed run must share with the run it continues, all that changes its result: the data and
+    held-out rows, the training settings, the base model (reference, weights' fingerprint, dtype,
+    quantization, device type) and the number of processes."""
+    from .models import fingerprint
+
     bookkeeping = {"save_steps", "logging_steps", "report_to", "log_dir", "eval_steps"}
     settings = {k: v for k, v in config.to_dict().items() if k not in bookkeeping}
-    digest = hashlib.sha256(json.dumps([settings, base, processes], sort_keys=True).encode())
-    for e in examples:
-        digest.update(json.dumps([e.prompt, e.output]).encode())
+    model = {"reference": reference, "fingerprint": fingerprint(base), "dtype": str(base.dtype),
+             "4bit": bool(getattr(base, "is_loaded_in_4bit", False)), "device": base.device.type}
+    digest = hashlib.sha256(json.dumps([settings, model, data_parallel()[1]], sort_keys=True).encode())
+    for held, rows in enumerate((examples, eval_examples or [])):
+        for e in rows:
+            digest.update(json.dumps([held, e.prompt, e.output]).encode())
     return digest.hexdigest()[:16]
 
 
@@ -184,8 +198,9 @@ def train(model, examples: list[Example], tokenizer: PreTrainedTokenizerBase, co
     """Train the parameters of `model` that require grad on `examples`; loss on answer tokens only.
 
     `run_dir`: the trainer's folder; with `save`, checkpoints go there and, at the end, the trained weights
-    (`saved` in the result). `resume` continues from its newest checkpoint. Returns the optimizer steps, the
-    final training loss and, with eval data, the last eval loss."""
+    (`saved` in the result). `resume` continues from its newest checkpoint; without it, the first process
+    clears what an older run left there. Returns the optimizer steps, the final training loss and, with
+    eval data, the last eval loss."""
     import torch
     from transformers import TrainingArguments
 
@@ -194,17 +209,19 @@ def train(model, examples: list[Example], tokenizer: PreTrainedTokenizerBase, co
         examples, eval_examples = split_eval(examples, config.eval_fraction, config.seed)
     if config.eval_steps and not eval_examples:
         raise SwitchcitError("--eval-steps needs held-out rows: give --eval-data FILE or --eval-fraction F")
+    steps = config.steps_for(len(examples), processes)
     start = None
     if resume:
         start = last_checkpoint(run_dir) if run_dir.is_dir() else None
         if start is None:
-            raise SwitchcitError(f"--resume: no checkpoint of this task for this data and configuration in "
-                                 f"{run_dir.parent}: run without --resume")
+            raise SwitchcitError("--resume: no checkpoint of this task for this data and configuration (data, "
+                                 "held-out rows, training settings, base model and its dtype, processes): run "
+                                 "without --resume, or with the settings of the run to continue")
         if rank == 0:
             print(f"switchcit: {desc}: resuming from step {start[1]}", file=sys.stderr)
-    elif run_dir.exists():
+    callbacks = _reporters(config, log_dir)
+    if not resume and rank == 0 and run_dir.exists():
         shutil.rmtree(run_dir)  # a fresh start: never resume later from this run's older checkpoints
-    steps = config.steps_for(len(examples), processes)
     pad = tokenizer.pad_token_id
     rows = [tokenize_example(tokenizer, e, config.max_length) for e in examples]
     evals = [tokenize_example(tokenizer, e, config.max_length) for e in eval_examples or []]
@@ -225,7 +242,7 @@ def train(model, examples: list[Example], tokenizer: PreTrainedTokenizerBase, co
         remove_unused_columns=False, label_names=["labels"], dataloader_pin_memory=False,
         ddp_find_unused_parameters=False, average_tokens_across_devices=True)
     trainer = _AnswerTrainer(model=model, args=args, train_dataset=rows, eval_dataset=evals or None,
-                             data_collator=lambda batch: collate(batch, pad), callbacks=_reporters(config, log_dir),
+                             data_collator=lambda batch: collate(batch, pad), callbacks=callbacks,
                              warmup_steps=max(1, int(steps * config.warmup_ratio)))
     trainer.remove_callback(PrinterCallback)
     if trainer.pop_callback(ProgressCallback) is not None:
@@ -244,19 +261,3 @@ def train(model, examples: list[Example], tokenizer: PreTrainedTokenizerBase, co
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     return {"steps": trainer.state.global_step, "final_loss": losses[-1] if losses else float("nan"),
             "eval_loss": eval_loss, "saved": run_dir / "trained" if save else None}
-
-
-def store_run(store: Store, task: Task, config: ExpertConfig, base: str) -> dict:
-    """Where a learn of `task` keeps its checkpoints (and logs, unless --log-dir says elsewhere) in the store."""
-    _, processes = data_parallel()
-    run_dir = store.path(f"{CHECKPOINTS}/{task.name}") / run_key(task.examples, config, base, processes)
-    log_dir = Path(config.log_dir) if config.log_dir else store.path(f"logs/{task.name}")
-    return {"run_dir": run_dir, "log_dir": log_dir}
-
-
-def drop_checkpoints(store: Store, task: str) -> None:
-    """After a learn's commit: its checkpoints (every run of the task), and the folder once it is empty."""
-    folder = store.path(CHECKPOINTS)
-    shutil.rmtree(folder / task, ignore_errors=True)
-    if folder.is_dir() and not any(folder.iterdir()):
-        folder.rmdir()
