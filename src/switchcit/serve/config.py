@@ -39,7 +39,7 @@ class ServeConfig:
                                   "(chat template included; not checked in router-only mode)", low=1)
     max_body_bytes: int = knob(8 * 2**20, "--max-body-bytes", "largest request body accepted", low=1)
     body_timeout_s: float = knob(30.0, low=0, open_low=True)  # a body not received by then gets a 408
-    header_timeout_s: float = knob(10.0, "--header-timeout", "seconds a connection may take to send a request's "
+    header_timeout_s: float = knob(20.0, "--header-timeout", "seconds a connection may take to send a request's "
                                    "headers, from its opening or its previous answer, before it is closed", low=0,
                                    open_low=True)
     keep_alive_s: float = knob(5.0, "--keep-alive-timeout", "seconds an idle keep-alive connection stays open",

@@ -151,6 +151,6 @@ class ContinuousEngine(Engine):
     def _gauge(self) -> None:
         b, m = self.batcher, self.metrics
         m.running.set(len(b.running))
-        m.waiting.set(len(b.waiting) + len(b.prefilling) + len(self._arrived) + self._queue.qsize())
+        self._decoding = len(b.running)
         m.kv_tokens.set(b.kv_tokens)
         m.kv_usage.set(b.kv_tokens / self.config.max_kv_tokens)

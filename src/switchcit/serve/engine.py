@@ -79,7 +79,7 @@ class Metrics:
         self.tpot = Histogram("switchcit_time_per_output_token_seconds", "Mean time between a sequence's tokens "
                               "after the first", registry=self.registry, buckets=token_buckets)
         self.running = Gauge("switchcit_running_sequences", "Sequences in the running batch", registry=self.registry)
-        self.waiting = Gauge("switchcit_waiting_sequences", "Prompts queued or being read, not yet decoding (the "
+        self.waiting = Gauge("switchcit_waiting_sequences", "Prompts accepted and not yet being generated (the "
                              "queue that --max-queue bounds)", registry=self.registry)
         self.kv_tokens = Gauge("switchcit_kv_cache_tokens", "KV-cache cells in use (rows x columns, padding "
                                "included)", registry=self.registry)
@@ -117,7 +117,9 @@ class Engine:
         self._warm()
         self._queue: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._open: set[Job] = set()  # accepted and not yet answered
+        self._decoding = 0  # of those, the ones being generated (set by the worker)
         self._lock = threading.Lock()
+        metrics.waiting.set_function(lambda: len(self._open) - self._decoding)  # live, even while a step runs
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="switchcit-worker", daemon=True)
 
@@ -299,12 +301,13 @@ class StaticEngine(Engine):
             try:
                 self._poll_store()
                 jobs = self._gather()
-                self.metrics.waiting.set(self._queue.qsize())
+                self._decoding = len(jobs)
                 if jobs:
                     self.metrics.batch_size.observe(len(jobs))
                     self._process(jobs)
             except Exception as exc:  # whatever failed, the batch's jobs are answered and the loop goes on
                 self._fail(jobs, exc, "serving")
+            self._decoding = 0
 
     def _gather(self) -> list[Job]:
         """Block for one job, then take more until the batch is full or the wait is over."""
