@@ -1,11 +1,12 @@
 """The continuous-batching engine: requests join the running batch at the next decoding step and leave it
 the moment they are done, each with its own adapter, max_tokens and stop strings (batching.py).
 
-Each loop of the worker takes the jobs that arrived, routes as many as the batch has places for in one
-encoder pass (so a burst costs a step one batch of routing, not the whole burst), hands them to the
-batch as sequences, and runs one step. Streams get their tokens as they are decoded. Live store updates
-apply between steps; one that would change the adapter of a row being generated waits, admitting no
-new rows, until those rows are done, so a request in flight keeps its adapter.
+Each loop of the worker takes the jobs that arrived and routes, in one encoder pass, as many as the batch
+will admit at this step (its free places and prefill budget: a burst costs a step one group's routing,
+not the whole burst's), hands them to the batch as sequences, and runs one step. Streams get their
+tokens as they are decoded. Live store updates apply between steps; one that would change the adapter
+of a row being generated waits, admitting no new rows, until those rows are done, so a request in
+flight keeps its adapter.
 """
 
 from __future__ import annotations
@@ -62,10 +63,12 @@ class ContinuousEngine(Engine):
         self._jobs = {}
         self.batcher = self._new_batcher()
 
-    def _take(self) -> list[Job]:
-        """The jobs to route this step. Every arrival leaves the queue (those whose client left are answered and
-        dropped), but only as many are routed as the batch has places for; when the batch is idle, wait for
-        the first arrival (up to the store poll)."""
+    def _take(self) -> list[tuple[Job, list[int]]]:
+        """The jobs to admit this step, with their prompts' token ids. Every arrival leaves the queue (a job whose
+        client left is answered and dropped), but from the head of the line only as many are taken as the batch
+        has places for and one step's --prefill-tokens reads (the batch's own rule), so that a burst costs a
+        step one group's routing and reading, not the whole burst's. An idle batch waits for the first arrival
+        (up to the store poll)."""
         arrived: list[Job | None] = []
         try:
             if not self.batcher.busy and not self._arrived:
@@ -79,16 +82,26 @@ class ContinuousEngine(Engine):
             for job in [j for j in self._arrived if j.cancelled]:
                 job.settle(client_gone())
             self._arrived = deque(j for j in self._arrived if not j.cancelled)
-        b = self.batcher
+        b, taken = self.batcher, []
         room = self.config.max_batch_size - len(b.running) - len(b.prefilling) - len(b.waiting)
-        return [self._arrived.popleft() for _ in range(min(max(room, 0), len(self._arrived)))]
+        while self._arrived and len(taken) < room:
+            job = self._arrived[0]
+            if job.ids is None:
+                job.ids = self._encode(job)
+                if job.ids is None or not self._fits_cache(job, job.ids):  # answered with its error
+                    self._arrived.popleft()
+                    continue
+            widest = max(len(ids) for ids in [job.ids, *(ids for _, ids in taken)])
+            if taken and (len(taken) + 1) * widest > self.config.prefill_tokens:
+                break
+            taken.append((self._arrived.popleft(), job.ids))
+        return taken
 
-    def _admit(self, jobs: list[Job]) -> None:
-        """Check and route (one encoder pass for all) the jobs, and queue them in the batch; a job that fails any
-        of it fails alone."""
-        encoded = [(job, ids) for job in jobs if (ids := self._encode(job)) is not None and self._fits_cache(job, ids)]
-        routes = self._routes([job for job, _ in encoded])
-        for job, ids in encoded:
+    def _admit(self, jobs: list[tuple[Job, list[int]]]) -> None:
+        """Route the jobs (one encoder pass for all) and queue them in the batch; a job that fails any of it fails
+        alone."""
+        routes = self._routes([job for job, _ in jobs])
+        for job, ids in jobs:
             route = self._route_of(job, routes)
             if route is None:
                 continue

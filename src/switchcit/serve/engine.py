@@ -41,6 +41,7 @@ class Job:
     stop: tuple[str, ...] = ()  # the continuous engine stops there; the static one is cut afterwards
     listen: Callable[[str, object], None] | None = None  # streams: ('route', Route), then ('text', str) pieces
     cancelled: bool = False  # set by the request's handler when its client has gone
+    ids: list[int] | None = None  # the prompt's token ids, once the worker counted them (continuous engine)
     future: Future = field(default_factory=Future)
     arrived: float = field(default_factory=time.monotonic)
 
