@@ -283,17 +283,29 @@ def test_a_forget_right_after_the_manifest_was_read_never_changes_a_running_rows
         assert gone.status_code == 404
 
 
-def test_a_non_streaming_client_that_leaves_frees_its_rows(trained_store):
-    with serve_in_thread(app(trained_store, api_key=None, max_tokens=20000)) as url:
-        body = {"model": "base", "prompt": ["hello", "hello there"], "max_tokens": 20000}
-        with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection
-            httpx.post(f"{url}/v1/completions", json=body, timeout=httpx.Timeout(60, read=2))
+def test_non_streaming_clients_that_leave_free_their_rows_and_their_places_in_the_queue(trained_store):
+    """A request whose 2 prompts fill the batch and one queued behind it: both clients give up (a read timeout
+    closes the connection), and the rows and the queue are empty again long before 20,000 tokens."""
+    with serve_in_thread(app(trained_store, api_key=None, max_tokens=20000, max_batch_size=2)) as url:
+        def give_up(prompts: list[str]) -> None:
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(f"{url}/v1/completions", json={"model": "base", "prompt": prompts, "max_tokens": 20000},
+                           timeout=httpx.Timeout(60, read=3))
+
+        with ThreadPoolExecutor(2) as pool:
+            running = pool.submit(give_up, ["hello", "hello there"])
+            await_running(url)
+            queued = pool.submit(give_up, ["hello again"])
+            running.result()
+            queued.result()
         deadline = time.monotonic() + 30
-        while _running(url) > 0:  # gone within a step of the hang-up, long before 20000 tokens
-            assert time.monotonic() < deadline, "the rows of the client that left were kept"
+        while _running(url) > 0 or _waiting(url) > 0:  # gone within a step of the hang-ups
+            assert time.monotonic() < deadline, "the rows or places of the clients that left were kept"
             time.sleep(0.05)
         metrics = httpx.get(f"{url}/metrics").text
-        assert _metric(metrics, "switchcit_errors_total", endpoint="/v1/completions", status="400") == 1
+        assert _metric(metrics, "switchcit_errors_total", endpoint="/v1/completions", status="400") == 2
+        assert httpx.post(f"{url}/v1/completions", json={"model": "base", "prompt": "hi", "max_tokens": 2},
+                          timeout=60).status_code == 200
 
 
 def test_a_burst_of_1000_is_bounded_by_the_queue_and_loses_no_accepted_request(trained_store, stream):

@@ -114,7 +114,7 @@ class Engine:
         self.dead: str | None = None  # why the worker stopped, once it has
         self.reload_error: str | None = None  # why the last store reload failed, while it keeps failing
         self._next_poll = time.monotonic() + POLL_SECONDS
-        self._unapplied: tuple[Manifest, ...] = ()  # a manifest read but not yet followed (at most one)
+        self._unapplied: Manifest | None = None  # the manifest last read, until it is followed
         self._warm()
         self._queue: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._open: set[Job] = set()  # accepted and not yet answered
@@ -228,12 +228,12 @@ class Engine:
         if time.monotonic() >= self._next_poll:
             self._next_poll = time.monotonic() + POLL_SECONDS
             try:
-                self._unapplied = (self.cm.store.read(),) if self.cm.store.exists() else ()
+                self._unapplied = self.cm.store.read() if self.cm.store.exists() else None
             except Exception as exc:
                 self._reload_failed(exc)
-        if not self._unapplied or self._refresh_deferred(self._unapplied[0]):
+        if self._unapplied is None or self._refresh_deferred(self._unapplied):
             return False
-        manifest, self._unapplied = self._unapplied[0], ()
+        manifest, self._unapplied = self._unapplied, None
         try:
             changed = self.cm.refresh(manifest, load_missing=self.generates)
             if changed:
