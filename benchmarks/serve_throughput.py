@@ -15,7 +15,19 @@ after the other, each on a free loopback port.
 3. Short during long: an 8-token request alone, then sent 1 s after a 200-token answer was asked for;
    `short_ratio` is the second over the first (per engine, next to the mixed workload's keys).
 
+Two more measurements run instead, on the continuous engine, when asked:
+
+--burst N: a long streamed answer runs while N routed requests (16 tokens each) arrive at once from
+   another process; the gaps between the server's decoding steps during the burst (`gap_ratio`: largest
+   over median; target <= 5), and how the burst was answered (`accepted`, `refused` with 429, `failed`).
+--long-prompt TOKENS: while a streamed answer runs, a prompt of TOKENS tokens is sent (the prompt and
+   cache limits raised to fit), and an 8-token request every second until it is answered: the gaps
+   between decoding steps while it is read (largest: about one --prefill-tokens chunk) and the 8-token
+   requests' latency against alone.
+
     python benchmarks/serve_throughput.py [--json] [--store DIR] [--model M] [--requests N] [--concurrency C]
+    python benchmarks/serve_throughput.py --burst 1000 [--json] [--store DIR]
+    python benchmarks/serve_throughput.py --long-prompt 48000 [--json] [--store DIR]
 """
 
 from __future__ import annotations
@@ -23,11 +35,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import random
 import statistics
 import sys
 import tempfile
+import threading
 import time
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -143,6 +159,138 @@ def measure(store: Path, model: str | None, max_batch_size: int, args: argparse.
         return asyncio.run(load(url, prompts, args.requests, args.concurrency, args.max_tokens))
 
 
+class StepClock:
+    """When each step of the server's running batch ended (server and benchmark share this process): the gaps
+    between decoding steps, whatever the model writes."""
+
+    def __init__(self, app):
+        self.engine, self.ends = app.state.engine, []
+        step = self.engine.batcher.step
+
+        def timed() -> None:
+            step()
+            self.ends.append(time.monotonic())
+
+        self.engine.batcher.step = timed
+
+    def await_running(self) -> None:
+        while not self.engine.batcher.running:
+            time.sleep(0.01)
+
+    def gaps(self, start: float, end: float) -> dict:
+        """The gaps between the steps that ended within [start, end]."""
+        inside = [t for t in self.ends if start <= t <= end]
+        gaps = [b - a for a, b in zip(inside, inside[1:])]
+        median = statistics.median(gaps)
+        return {"gap_median_s": round(median, 4), "gap_max_s": round(max(gaps), 4),
+                "gap_ratio": round(max(gaps) / median, 2), "steps": len(inside)}
+
+
+class LongAnswer:
+    """A streamed answer of the base model, read on a thread until it ends or `close` hangs up."""
+
+    def __init__(self, url: str, max_tokens: int):
+        body = {"model": "base", "max_tokens": max_tokens, "stream": True,
+                "messages": [{"role": "user", "content": "Write a long story about a river that learns to sing."}]}
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._read, args=(url, body), daemon=True)
+        self._thread.start()
+
+    def _read(self, url: str, body: dict) -> None:
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=3600) as response:
+            for _ in response.iter_lines():
+                if self._closed.is_set():
+                    return
+
+    def close(self) -> None:
+        self._closed.set()
+        self._thread.join()
+
+
+def send_burst(url: str, prompts: list[str], n: int) -> dict:
+    """N routed requests at once (at most 100 connections open), from their own process; how they ended and
+    when the burst began and ended (monotonic clock, shared by the machine's processes)."""
+    async def run() -> list[str]:
+        gate = asyncio.Semaphore(100)
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
+        async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+            async def one(i: int) -> str:
+                body = {"model": "switchcit", "max_tokens": 16,
+                        "messages": [{"role": "user", "content": prompts[i % len(prompts)]}]}
+                async with gate:
+                    try:
+                        response = await client.post("/v1/chat/completions", json=body)
+                    except httpx.HTTPError as exc:
+                        return type(exc).__name__
+                answered = response.status_code == 200 and response.json()["choices"][0]["message"]
+                return str(response.status_code) if response.status_code != 200 or answered else "empty"
+
+            return await asyncio.gather(*(one(i) for i in range(n)))
+
+    start = time.monotonic()
+    outcomes = Counter(asyncio.run(run()))
+    return {"start": start, "end": time.monotonic(), "outcomes": dict(outcomes)}
+
+
+def measure_burst(store: Path, model: str | None, n: int) -> dict:
+    config = ServeConfig(str(store), model=model, max_tokens=4000)
+    app = create_app(config)
+    clock = StepClock(app)
+    with serve_in_thread(app) as url:
+        long = LongAnswer(url, 4000)
+        clock.await_running()
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            burst = pool.submit(send_burst, url, prompts_of_demo(), n).result()
+        long.close()
+    outcomes = burst["outcomes"]
+    return {"requests": n, "max_queue": config.max_queue, "accepted": outcomes.get("200", 0),
+            "refused": outcomes.get("429", 0), "failed": n - outcomes.get("200", 0) - outcomes.get("429", 0),
+            "outcomes": outcomes, "burst_s": round(burst["end"] - burst["start"], 2),
+            **clock.gaps(burst["start"], burst["end"])}
+
+
+def measure_long_prompt(store: Path, model: str | None, tokens: int) -> dict:
+    from switchcit.data import encode_prompt
+
+    config = ServeConfig(str(store), model=model, max_tokens=4000, max_prompt_tokens=tokens + 64,
+                         max_prompt_chars=40 * tokens, max_kv_tokens=3 * (tokens + 4000))
+    app = create_app(config)
+    clock = StepClock(app)
+    tokenizer, words = app.state.engine.cm.tokenizer, " ".join(prompts_of_demo())
+    long_prompt = words
+    while len(encode_prompt(tokenizer, long_prompt)) < tokens:
+        long_prompt += " " + words
+    while len(encode_prompt(tokenizer, long_prompt)) > tokens:
+        long_prompt = long_prompt[:int(len(long_prompt) * 0.99)]
+
+    def ask(prompt: str, max_tokens: int) -> tuple[float, dict]:
+        begin = time.monotonic()
+        response = httpx.post(f"{url}/v1/chat/completions", timeout=3600, json={
+            "model": "base", "max_tokens": max_tokens, "messages": [{"role": "user", "content": prompt}]})
+        response.raise_for_status()
+        return time.monotonic() - begin, response.json()
+
+    with serve_in_thread(app) as url:
+        short = "Say hello to the team."
+        ask(short, 8)  # warm-up
+        alone = statistics.median([ask(short, 8)[0] for _ in range(3)])
+        long = LongAnswer(url, 4000)
+        clock.await_running()
+        start, during = time.monotonic(), []
+        with ThreadPoolExecutor(1) as pool:
+            read = pool.submit(ask, long_prompt, 8)
+            while not read.done():
+                during.append(ask(short, 8)[0])
+                time.sleep(1.0)
+            long_s, body = read.result()
+        end = time.monotonic()
+        long.close()
+    return {"prompt_tokens": body["usage"]["prompt_tokens"], "prefill_tokens": config.prefill_tokens,
+            "long_s": round(long_s, 2), "short_alone_s": round(alone, 3),
+            "short_during_p50_s": round(statistics.median(during), 3), "short_during_max_s": round(max(during), 3),
+            "shorts": len(during), **clock.gaps(start, end)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--store", type=Path, default=None, help="a store to serve (default: build a demo store)")
@@ -151,6 +299,10 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--burst", type=int, default=None, metavar="N",
+                        help="only measure a burst of N requests beside a long answer")
+    parser.add_argument("--long-prompt", type=int, default=None, metavar="TOKENS",
+                        help="only measure a prompt of TOKENS tokens read beside running answers")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="switchcit-serve-bench-") as tmp:
@@ -159,6 +311,11 @@ def main() -> None:
             store = Path(tmp) / "store"
             print("building a 4-task demo store ...", file=sys.stderr, flush=True)
             build_store(store, args.model)
+        if args.burst or args.long_prompt:
+            result = (measure_burst(store, args.model, args.burst) if args.burst
+                      else measure_long_prompt(store, args.model, args.long_prompt))
+            print(json.dumps(result) if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()))
+            return
         batched = measure(store, args.model, args.max_batch_size, args)
         sequential = measure(store, args.model, 1, args)
         engines = {engine: measure_mixed(store, args.model, engine) for engine in ("continuous", "static")}

@@ -147,3 +147,60 @@ def test_incremental_text_holds_back_a_possible_stop_string(cm):
     stream = IncrementalText(cm.tokenizer, stop=("STOP",))
     pieces = [stream.add(t) for t in cm.tokenizer.encode("go on ST then STOP after", add_special_tokens=False)]
     assert "".join(pieces) == "go on ST then " and stream.stopped and stream.finish() == ""
+
+
+def test_short_prompts_are_read_beside_a_long_one_and_running_rows_never_wait_more_than_a_chunk(cm, stream):
+    """A long prompt read in many chunks: the running row gets a token at every step, and a short prompt that
+    arrives meanwhile is read beside it and answers before the long one's first token (the order of steps)."""
+    batcher = Batcher(cm.adapters, prefill_tokens=16)
+    running = sequence(cm, stream[0][1].prompts[0], "base", 60)
+    batcher.submit(running)
+    batcher.step()
+    long_prompt = " ".join(test.prompts[i] for i in range(4) for _, test in stream)
+    long = sequence(cm, long_prompt, "initials", 3)
+    batcher.submit(long)
+    batcher.step()
+    short = sequence(cm, stream[2][1].prompts[1], "capitalize", 3)
+    batcher.submit(short)
+    steps = 0
+    while long.first_token_at is None:
+        before = len(running.generated)
+        batcher.step()
+        steps += 1
+        assert len(running.generated) == before + 1 or running.finished_at  # a token at every step
+    assert len(long.prompt_ids) > 16 * 8 and steps >= len(long.prompt_ids) // 16  # chunks of at most 16 tokens ...
+    assert short.finished_at is not None and short.finished_at < long.first_token_at  # ... and the short one went
+    batcher.drain()
+    for seq, prompt, task, max_tokens in [(running, stream[0][1].prompts[0], "base", 60),
+                                          (long, long_prompt, "initials", 3),
+                                          (short, stream[2][1].prompts[1], "capitalize", 3)]:
+        assert (seq.output, seq.generated) == alone(cm, prompt, task, max_tokens)[:2]
+
+
+def test_a_task_whose_adapter_is_not_loaded_fails_its_row_and_never_gets_the_base_model(cm, stream):
+    from switchcit.adapters import AdapterMissing
+    from switchcit.mixed import NO_ADAPTER, MixedLoRA
+
+    batcher = Batcher(cm.adapters)
+    ghost = sequence(cm, stream[0][1].prompts[3], "ghost", 4)
+    known = sequence(cm, stream[1][1].prompts[3], "initials", 4)
+    for seq in (ghost, known):
+        batcher.submit(seq)
+    batcher.drain()
+    assert isinstance(ghost.error, AdapterMissing) and "ghost" in str(ghost.error) and not ghost.generated
+    assert known.error is None and known.output == alone(cm, stream[1][1].prompts[3], "initials", 4)[0]
+    mixed = MixedLoRA(cm.model, ["reverse"])
+    with pytest.raises(KeyError, match="initials"), mixed.rows(["reverse", NO_ADAPTER, "initials"]):
+        pass
+
+
+@pytest.mark.parametrize(("stops", "sent"), [
+    (("DE", "BCDEF"), "go on A"),  # "DE" completes first, "BCDEF" starts first: cut where it starts
+    (("DE", "BCDX"), "go on ABC"),  # the earlier one cannot complete: cut at "DE"
+    (("EFG", "G a"), "go on ABCD"),
+])
+def test_overlapping_stop_strings_cut_where_the_first_of_them_starts(cm, stops, sent):
+    text = IncrementalText(cm.tokenizer, stop=stops)
+    pieces = [text.add(t) for t in cm.tokenizer.encode("go on ABCDEFG after", add_special_tokens=False)]
+    assert "".join(pieces) + text.finish() == sent and text.stopped
+    assert sent == "go on ABCDEFG after"[:min(i for s in stops if (i := "go on ABCDEFG after".find(s)) >= 0)]

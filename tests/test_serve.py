@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -380,6 +381,71 @@ def test_streams_stop_at_the_stop_string_and_match_the_whole_answer(server, http
     reasons = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert len(reasons) == 3 and "stop" in reasons
     assert chunks[0].model_extra["switchcit"] == [{"task": "initials", "confidence": None}] * 3
+
+
+@pytest.mark.parametrize("engine", ["continuous", "static"])
+def test_overlapping_stop_strings_cut_where_the_first_of_them_starts_on_both_engines(trained_store, engine):
+    """Of two stop strings, one that starts earlier but completes later cuts the answer (OpenAI's rule)."""
+    library = ContinualModel(trained_store, progress=False)
+    asks = [(task, prompt) for task in ("capitalize", "initials", "reverse")
+            for prompt in ("zebra zebra zebra", "hello", "Write a long story about a river.")]
+    text, task, prompt = max(((library.generate([p], [t], 40)[0].output, t, p) for t, p in asks),
+                             key=lambda answer: len(answer[0]))
+    cuts = [(i, j) for i in range(1, len(text) - 6) for j in range(i + 1, i + 4)
+            if text.find(text[i:i + 6]) == i and text.find(text[j:j + 2]) == j]
+    assert cuts, f"no overlapping stop strings in the tiny model's longest answer {text!r}"
+    i, j = cuts[0]
+    stop = [text[j:j + 2], text[i:i + 6]]  # the first completes first, the second starts first
+    with serve_in_thread(app(trained_store, api_key=None, engine=engine, max_tokens=40)) as url:
+        body = {"model": task, "prompt": prompt, "max_tokens": 40, "stop": stop}
+        whole = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()["choices"][0]
+        streamed = [json.loads(line[6:]) for line in httpx.post(
+            f"{url}/v1/completions", json={**body, "stream": True}, timeout=60).text.splitlines()
+            if line.startswith("data: {")]
+    assert (whole["text"], whole["finish_reason"]) == (text[:i], "stop")
+    assert "".join(c["choices"][0]["text"] for c in streamed if c["choices"]) == text[:i]
+
+
+def test_idle_and_slow_header_connections_are_closed(trained_store):
+    """A connection that sends nothing, one that sends its headers a byte at a time, and an idle keep-alive one
+    are closed by the server; a normal request still works."""
+    import socket
+
+    def closed_by_server(sock: socket.socket, trickle: bytes = b"") -> bool:
+        sock.settimeout(0.3)
+        deadline = time.monotonic() + 30
+        for byte in [trickle[k:k + 1] for k in range(len(trickle))] + [b""] * 1000:
+            assert time.monotonic() < deadline, "the server kept the connection open"
+            try:
+                if byte:
+                    sock.sendall(byte)
+                if sock.recv(4096) == b"":
+                    return True
+            except TimeoutError:
+                continue
+            except (ConnectionResetError, BrokenPipeError):
+                return True
+        return False
+
+    with serve_in_thread(app(trained_store, api_key=None, header_timeout_s=1.0, keep_alive_s=1.0)) as url:
+        host, port = url.removeprefix("http://").split(":")
+        idle, slow = (socket.create_connection((host, int(port))) for _ in range(2))
+        head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" * 20
+        with idle, slow:
+            assert closed_by_server(idle)
+            assert closed_by_server(slow, head)  # 1 byte every 0.3 s: never a whole head within the deadline
+        with httpx.Client(base_url=url) as client:
+            assert client.get("/health").status_code == 200
+            time.sleep(3)  # idle past the keep-alive timeout: the client reconnects
+            assert client.get("/health").status_code == 200
+
+
+def test_the_openapi_schema_says_what_each_route_serves(http):
+    schema = http.get("/openapi.json").json()
+    metrics = schema["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+    assert list(metrics) == ["text/plain"]
+    assert {"429", "503"} <= set(schema["paths"]["/v1/completions"]["post"]["responses"])
+    assert "503" in schema["paths"]["/health"]["get"]["responses"]
 
 
 def test_print_vllm_command(trained_store, capsys):

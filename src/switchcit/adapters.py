@@ -12,18 +12,28 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from .errors import SwitchcitError
-from .mixed import MixedLoRA, adapters_off, tuner_layers
+from .mixed import NO_ADAPTER, MixedLoRA, adapters_off, tuner_layers
 from .models import load_base_model
 
 if TYPE_CHECKING:
     from peft import LoraConfig
 
 BASE = "base"  # the task name of "no adapter"
-_PEFT_BASE = "__base__"  # PEFT's name for "no adapter" in mixed-adapter batches
 TRAINING = "_training"
+
+
+class AdapterMissing(SwitchcitError):
+    """A batch asked for a task whose adapter is not loaded: it fails rather than answer with the base model."""
+
+
+class _Loaded(NamedTuple):
+    path: str
+    name: str  # PEFT's name for it: the task's own, or a fresh one while a replacement is loaded beside the old
+
+
 
 
 class AdapterPool:
@@ -31,7 +41,7 @@ class AdapterPool:
         self.reference, self.device, self.dtype = reference, device, dtype
         self._check = check  # called once with the loaded base model (the store's fingerprint check)
         self._model = self._tokenizer = self._peft = None
-        self._loaded: dict[str, str] = {}  # task -> adapter path loaded in memory
+        self._loaded: dict[str, _Loaded] = {}  # task -> the adapter loaded in memory for it
         self._mixed: MixedLoRA | None = None
         self._mixed_key: tuple = ()
         self._layers: tuple[tuple, list] = ((), [])  # (adapter names, the model's PEFT layers) for base_only
@@ -72,30 +82,51 @@ class AdapterPool:
             yield self.model
 
     def sync(self, wanted: dict[str, Path], load_missing: bool) -> None:
-        """Drop adapters not wanted, reload those whose path changed, and load the missing ones if asked
-        (or if adapters are already in use: generation needs them all)."""
-        for task in [t for t in self._loaded if t not in wanted]:
-            self._remove(task)
-        if load_missing or self._loaded or self._peft is not None:
-            for task, path in wanted.items():
-                if self._loaded.get(task) != str(path):
-                    self._load(task, path)
+        """Bring the loaded adapters in line with `wanted` (task -> folder) in one step: new and changed ones load
+        first, beside the versions they replace, and only then do replaced and unwanted ones go. Should a load
+        fail, what this call loaded goes again and the pool stays as it was. Missing adapters load if asked (or
+        if adapters are already in use: generation needs them all)."""
+        loading = load_missing or self._loaded or self._peft is not None
+        changed = {t: str(p) for t, p in wanted.items() if loading and getattr(self._loaded.get(t), "path", None)
+                   != str(p)}
+        fresh: dict[str, _Loaded] = {}
+        try:
+            for task, path in changed.items():
+                fresh[task] = self._load(task, path)
+        except BaseException:
+            for adapter in fresh.values():
+                self._remove(adapter.name)
+            raise
+        stale = [a.name for t, a in self._loaded.items() if t not in wanted or t in fresh]
+        self._loaded = {**{t: a for t, a in self._loaded.items() if t in wanted}, **fresh}
+        for name in stale:
+            self._remove(name)
 
-    def _load(self, task: str, path: Path) -> None:
+    def _load(self, task: str, path: str) -> _Loaded:
+        """Load one adapter under a PEFT name not in use (the task's own unless its old version still holds it).
+        A failed load leaves nothing behind."""
         from peft import PeftModel
+        from peft.utils import load_peft_weights
 
-        if task in self._loaded:
-            self._remove(task)
-        if self._peft is None:
-            self._peft = PeftModel.from_pretrained(self.base, str(path), adapter_name=task)
-        else:
-            self._peft.load_adapter(str(path), adapter_name=task)
+        name, n = task, 1
+        while self._peft is not None and name in self._peft.peft_config:
+            n += 1
+            name = f"{task}-V{n}"  # upper case: never a task name
+        try:
+            if self._peft is None:
+                load_peft_weights(path, device="cpu")  # readable, before PEFT changes the base model in place
+                self._peft = PeftModel.from_pretrained(self.base, path, adapter_name=name)
+            else:
+                self._peft.load_adapter(path, adapter_name=name)
+        except BaseException:
+            if self._peft is not None and name in self._peft.peft_config:
+                self._remove(name)
+            raise
         self._peft.eval()
-        self._loaded[task] = str(path)
+        return _Loaded(path, name)
 
     def _remove(self, name: str) -> None:
-        """Delete one adapter from memory; the last one going returns the bare base model."""
-        self._loaded.pop(name, None)
+        """Delete one adapter (by PEFT name) from memory; the last one going returns the bare base model."""
         self._mixed, self._mixed_key = None, ()  # its stacked weights include this adapter's
         if len(self._peft.peft_config) == 1:
             self._model = self._peft.unload()
@@ -137,9 +168,14 @@ class AdapterPool:
     @contextmanager
     def rows(self, tasks: list[str]) -> Iterator[dict]:
         """Make row i of the next forward passes use tasks[i]'s adapter: the batched path when the adapters
-        allow it (`fast_mixed`, one adapter or many), else PEFT's own; yields extra `generate` kwargs."""
-        names = [_PEFT_BASE if t == BASE else t for t in tasks]
-        if self._peft is None or set(names) == {_PEFT_BASE}:
+        allow it (`fast_mixed`, one adapter or many), else PEFT's own; yields extra `generate` kwargs.
+        A task whose adapter is not loaded raises AdapterMissing: its rows never get the base model instead."""
+        missing = sorted({t for t in tasks if t != BASE and t not in self._loaded})
+        if missing:
+            raise AdapterMissing(f"the adapter of task(s) {', '.join(missing)} is not loaded (loaded: "
+                                 f"{', '.join(self._loaded) or 'none'})")
+        names = [NO_ADAPTER if t == BASE else self._loaded[t].name for t in tasks]
+        if self._peft is None or set(names) == {NO_ADAPTER}:
             with self.base_only():
                 yield {}
             return
@@ -158,7 +194,7 @@ class AdapterPool:
         None when some adapter is not plain LoRA."""
         key = tuple(self._loaded.items())
         if self._mixed_key != key:
-            loaded = list(self._loaded)
+            loaded = [a.name for a in self._loaded.values()]
             self._mixed = MixedLoRA(self._peft, loaded) if MixedLoRA.supports(self._peft, loaded) else None
             self._mixed_key = key
         return self._mixed

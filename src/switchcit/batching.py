@@ -1,9 +1,12 @@
 """Continuous (iteration-level) batching: a running batch of sequences, each with its own adapter.
 
 Every `step` drops cancelled sequences, admits waiting ones within the row and KV-cache budgets and
-prefills them (a chunk of at most `prefill_tokens` per step, so a long prompt stalls the running rows
-only a little), decodes one token for every running row and retires the rows that are done. A request
-joins at the next step and leaves the moment it ends, instead of waiting for a whole static batch.
+prefills them (at most `prefill_tokens` prompt tokens per step, so a long prompt stalls the running rows
+by one chunk at most; while a long prompt is read over many steps, newer short ones are read beside it
+and start decoding), decodes one token for every running row and retires the rows that are done. A
+request joins at the next step and leaves the moment it ends, instead of waiting for a whole static batch.
+Each phase of a step is guarded: a failure the forward's per-row retry does not absorb ends the rows
+that phase was working on, with the error, and the batch goes on with the others.
 
 Rows share one left-padded KV cache with explicit positions: adding rows concatenates along the batch
 (padding the shorter side on the left), removing them indexes it. Each forward wraps our tensors in a
@@ -32,6 +35,7 @@ if TYPE_CHECKING:
     from .adapters import AdapterPool
 
 log = logging.getLogger("switchcit.batching")
+MAX_PREFILLS = 2  # prompt groups read at once: a long prompt in chunks, and the newer prompts beside it
 
 
 @dataclass(eq=False)
@@ -82,9 +86,8 @@ class _Rows:
         import torch
 
         index = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
-        self.seqs = [self.seqs[i] for i in keep]
-        self.mask = self.mask[index]
-        self.kv = [(k[index], v[index]) for k, v in self.kv]
+        mask, kv = self.mask[index], [(k[index], v[index]) for k, v in self.kv]
+        self.seqs, self.mask, self.kv = [self.seqs[i] for i in keep], mask, kv
 
     def trim(self) -> None:
         """Drop leading columns that are padding in every row (the longest row left)."""
@@ -127,7 +130,7 @@ class Batcher:
         self.waiting: deque[Sequence] = deque()
         self.admitting = True  # False: running rows go on, waiting ones stay waiting
         self._running: _Rows | None = None
-        self._prefill: _Prefill | None = None
+        self._prefills: list[_Prefill] = []  # oldest first
 
     @property
     def running(self) -> list[Sequence]:
@@ -135,7 +138,7 @@ class Batcher:
 
     @property
     def prefilling(self) -> list[Sequence]:
-        return self._prefill.seqs if self._prefill else []
+        return [s for p in self._prefills for s in p.seqs]
 
     @property
     def busy(self) -> bool:
@@ -144,76 +147,108 @@ class Batcher:
     @property
     def kv_tokens(self) -> int:
         """Cache cells in use now (rows x columns, padding included)."""
-        return sum(r.mask.shape[0] * r.past for r in (self._running, self._prefill) if r is not None)
+        return sum(r.mask.shape[0] * r.past for r in self._row_sets())
 
     def submit(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
     def step(self) -> None:
+        """Drop cancelled rows, admit waiting ones, read a chunk of the prompts being read, decode one token per
+        running row. A failing phase ends the rows it was working on (with the error), never the batch."""
         import torch
 
         with torch.inference_mode():
-            self._drop_cancelled()
-            if self._prefill is None:
-                self._admit()
-            if self._prefill is not None:
-                self._read_prompts()
+            self._guard(self._drop_cancelled, [*self.running, *self.prefilling])
+            group = self._admissible()
+            if group:
+                self._guard(lambda: self._start_prefill(group), group)
+            budget = self.prefill_tokens // max(1, len(self._prefills))  # the step's prompt tokens, shared
+            for prefill in list(self._prefills):
+                read = self._guard(lambda p=prefill: self._read_prompts(p, budget), list(prefill.seqs))
+                if read is not None:
+                    self._guard(lambda r=read: self._join(r), [*read.seqs, *self.running])
             if self.running:
-                self._decode()
+                self._guard(self._decode, list(self.running))
 
     def drain(self) -> None:
         """Step until every submitted sequence is done (library use without a server)."""
         while self.busy:
             self.step()
 
+    def _row_sets(self) -> list[_Rows]:
+        return [*([self._running] if self._running else []), *self._prefills]
+
+    def _guard(self, phase: Callable[[], _Rows | None], seqs: list[Sequence]) -> _Rows | None:
+        """Run one phase of a step; should it fail, `seqs` (whole row sets: what it was working on) end with the
+        error and leave, and the batch goes on without them."""
+        try:
+            return phase()
+        except Exception as exc:
+            log.error("a batch step failed: %d sequence(s) end with its error", len(seqs), exc_info=exc)
+            gone = set(seqs)
+            self.waiting = deque(s for s in self.waiting if s not in gone)
+            if self._running is not None and gone.intersection(self._running.seqs):
+                self._running = None
+            self._prefills = [p for p in self._prefills if not gone.intersection(p.seqs)]
+            for seq in [s for s in seqs if s.finished_at is None]:
+                seq.error = seq.error or exc
+                self._end(seq)
+            return None
+
     def _drop_cancelled(self) -> None:
         for seq in [s for s in self.waiting if s.is_cancelled()]:
             self.waiting.remove(seq)
             self._end(seq)
-        for rows in (self._running, self._prefill):
-            if rows is not None and any(s.is_cancelled() for s in rows.seqs):
+        for rows in self._row_sets():
+            if any(s.is_cancelled() for s in rows.seqs):
                 gone = [s for s in rows.seqs if s.is_cancelled()]
                 self._select(rows, [i for i, s in enumerate(rows.seqs) if not s.is_cancelled()])
                 for seq in gone:
                     self._end(seq)
 
-    def _admit(self) -> None:
-        """Take waiting sequences, first come first served, while rows, cache and prefill budgets allow.
-        The cache budget bounds the padded cache: rows x the longest prompt + max_tokens among them."""
-
-        group: list[Sequence] = []
-        while self.admitting and self.waiting and len(self.running) + len(group) < self.max_batch_size:
-            rows = [*group, self.waiting[0]]
+    def _admissible(self) -> list[Sequence]:
+        """The waiting sequences to start reading now, first come first served, while rows, cache and prefill
+        budgets allow. The cache budget bounds the padded cache: rows x the longest prompt + max_tokens among
+        them. A group may start while another is still being read (a long prompt): up to MAX_PREFILLS."""
+        if not self.admitting or len(self._prefills) >= MAX_PREFILLS:
+            return []
+        holding, group = [*self.running, *self.prefilling], []
+        widest = max((s.reserved for s in holding), default=0)
+        for seq in self.waiting:
+            rows = [*group, seq]
+            if len(holding) + len(rows) > self.max_batch_size:
+                break
             if group and len(rows) * max(len(s.prompt_ids) for s in rows) > self.prefill_tokens:
                 break
-            cells = (len(self.running) + len(rows)) * max(s.reserved for s in [*self.running, *rows])
-            if cells > self.max_kv_tokens and (self.running or group):
+            widest_now = max(widest, *(s.reserved for s in rows))
+            if (len(holding) + len(rows)) * widest_now > self.max_kv_tokens and (holding or group):
                 break
-            group.append(self.waiting.popleft())
-        if group:
-            ids, mask = left_pad([s.prompt_ids for s in group], self.pool.tokenizer.pad_token_id)
-            positions = (mask.cumsum(1) - 1).masked_fill(mask == 0, 1)
-            self._prefill = _Prefill(group, mask.to(self.device), ids=ids.to(self.device),
-                                     positions=positions.to(self.device))
+            group.append(seq)
+        return group
 
-    def _read_prompts(self) -> None:
-        """One prefill chunk; when the prompts are read, their first tokens, and the rows join the batch."""
-        p = self._prefill
-        end = min(p.ids.shape[1], p.done + max(1, self.prefill_tokens // len(p.seqs)))
+    def _start_prefill(self, group: list[Sequence]) -> None:
+        """Take `group` (the head of the waiting line) into a new prefill, its prompts left-padded together."""
+        ids, mask = left_pad([s.prompt_ids for s in group], self.pool.tokenizer.pad_token_id)
+        positions = (mask.cumsum(1) - 1).masked_fill(mask == 0, 1)
+        prefill = _Prefill(group, mask.to(self.device), ids=ids.to(self.device), positions=positions.to(self.device))
+        for _ in group:
+            self.waiting.popleft()
+        self._prefills.append(prefill)
+
+    def _read_prompts(self, p: _Prefill, budget: int) -> _Rows | None:
+        """One chunk of a prefill (about `budget` tokens over its rows); once its prompts are read, their first
+        tokens, and the rows that go on, ready to join the batch."""
+        end = min(p.ids.shape[1], p.done + max(1, budget // len(p.seqs)))
         logits = self._forward(p, p.ids[:, p.done:end], p.positions[:, p.done:end])
         p.done = end
         if not p.seqs or end < p.ids.shape[1]:
-            self._prefill = p if p.seqs else None
-            return
-        self._prefill = None
+            return None
+        self._prefills.remove(p)
         self._advance(p, logits)
-        if not p.seqs:
-            return
-        rows = _Rows(p.seqs, p.mask, p.kv, p.past)
-        if self._running is None:
-            self._running = rows
-        else:
-            self._running = _joined(self._running, rows)
+        return _Rows(p.seqs, p.mask, p.kv, p.past) if p.seqs else None
+
+    def _join(self, rows: _Rows) -> None:
+        self._running = rows if self._running is None else _joined(self._running, rows)
         self._running.trim()
 
     def _decode(self) -> None:
@@ -273,17 +308,22 @@ class Batcher:
         return out.logits[:, -1], buffers, past + ids.shape[1]
 
     def _advance(self, rows: _Rows, logits: torch.Tensor) -> None:
-        """Append each row's greedy token, send its new text, and retire the rows that are done."""
+        """Append each row's greedy token, send its new text, and retire the rows that are done (or whose text
+        failed: detokenizing or sending it ends that row alone)."""
         now, keep = time.monotonic(), []
         for i, (seq, token) in enumerate(zip(rows.seqs, logits.argmax(-1).tolist())):
             seq.generated.append(token)
             seq.first_token_at = seq.first_token_at or now
-            if token == seq.eos:
-                seq.stopped = True
-            else:
-                self._send(seq, seq.text.add(token))
-                seq.stopped = seq.text.stopped
-            if seq.stopped or len(seq.generated) >= seq.max_tokens:
+            try:
+                if token == seq.eos:
+                    seq.stopped = True
+                else:
+                    self._send(seq, seq.text.add(token))
+                    seq.stopped = seq.text.stopped
+            except Exception as exc:
+                log.error("sending a sequence's text failed", exc_info=exc)
+                seq.error = exc
+            if seq.error is not None or seq.stopped or len(seq.generated) >= seq.max_tokens:
                 self._end(seq)
             else:
                 keep.append(i)
@@ -300,8 +340,8 @@ class Batcher:
             rows.trim()
             if not rows.seqs:
                 self._running = None
-        elif not rows.seqs:
-            self._prefill = None
+        elif not rows.seqs and rows in self._prefills:
+            self._prefills.remove(rows)
 
     def _fail(self, rows: _Rows, index: int, exc: Exception) -> None:
         seq = rows.seqs[index]
@@ -315,11 +355,22 @@ class Batcher:
             seq.on_text(seq, text)
 
     def _end(self, seq: Sequence) -> None:
-        if seq.error is None and not seq.is_cancelled():
-            self._send(seq, seq.text.finish())
+        """Finish a sequence once: its last text, then its end callback (whose failure is logged, not raised)."""
+        if seq.finished_at is not None:
+            return
         seq.finished_at = time.monotonic()
-        if seq.on_done:
-            seq.on_done(seq)
+        try:
+            if seq.error is None and not seq.is_cancelled():
+                self._send(seq, seq.text.finish())
+                seq.stopped = seq.stopped or seq.text.stopped
+        except Exception as exc:
+            log.error("sending a sequence's last text failed", exc_info=exc)
+            seq.error = exc
+        try:
+            if seq.on_done:
+                seq.on_done(seq)
+        except Exception:
+            log.exception("a sequence's end callback failed")
 
 
 def _joined(a: _Rows, b: _Rows) -> _Rows:

@@ -76,17 +76,20 @@ class ContinualModel:
 
     def load_adapters(self, load_missing: bool = True) -> None:
         """Bring the loaded adapters in line with the manifest (generation needs them all)."""
-        self.adapters.sync({t.name: self.store.path(t.adapter) for t in self.tasks}, load_missing)
+        self.adapters.sync(self._adapter_paths(self.manifest), load_missing)
 
-    def refresh(self) -> bool:
-        """Follow the store to its current manifest (live updates); True if it changed."""
-        before, self.manifest = self.manifest, self.store.read() if self.store.exists() else None
-        try:
-            self.load_adapters(load_missing=False)
-        except Exception:
-            self.manifest = before  # so that the next refresh tries again
-            raise
-        return self.manifest != before
+    def _adapter_paths(self, manifest: Manifest | None) -> dict[str, Path]:
+        return {t.name: self.store.path(t.adapter) for t in (manifest.tasks if manifest else [])}
+
+    def refresh(self, manifest: Manifest | None = None, load_missing: bool = False) -> bool:
+        """Follow the store to its current manifest, or to `manifest` when the caller read it already (live
+        updates); True if it changed. Manifest and loaded adapters change as one step: should an adapter fail
+        to load, neither changes, and the next refresh tries again."""
+        if manifest is None:
+            manifest = self.store.read() if self.store.exists() else None
+        self.adapters.sync(self._adapter_paths(manifest), load_missing)
+        changed, self.manifest = manifest != self.manifest, manifest
+        return changed
 
     def learn(self, task: Task, replace: bool = False, expert_config: ExpertConfig | None = None,
               eval_examples: list[Example] | None = None, resume: bool = False) -> TaskEntry | None:

@@ -6,7 +6,8 @@ twice, without and with the new ones, and takes what the new ones add, unless it
 character (U+FFFD): then it waits for the next token. Decoding the whole answer every step would cost
 time growing with its length. Of that text, it sends only what later tokens cannot change: not trailing
 whitespace (the finished answer is stripped), and not a tail that could be the start of a stop string.
-The first stop string found cuts the answer there.
+A stop string cuts the answer where it begins; of several, the one that begins first, as OpenAI's API
+does (so a stop found complete waits while an earlier-starting one may still complete).
 """
 
 from __future__ import annotations
@@ -36,19 +37,25 @@ class IncrementalText:
         if len(window) > len(before) and not window.endswith("\ufffd"):
             self._text += window[len(before):]
             self._prefix, self._read = self._read, len(self.ids)
-        text = self._text.lstrip()
-        cuts = [text.find(s) for s in self.stop if s in text]
-        if cuts:
-            self.stopped = True
-            return self._send(text[:min(cuts)])
-        held = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-        return self._send(text[:min(len(text) - held, len(text.rstrip()))])
+        return self._send(self._final(self._text.lstrip(), more=True))
 
     def finish(self) -> str:
         """The rest of the answer once no token follows (end token or token limit)."""
         if self.stopped:
             return ""
-        return self._send(self._decode(self.ids).strip())
+        return self._send(self._final(self._decode(self.ids).strip(), more=False))
+
+    def _final(self, text: str, more: bool) -> str:
+        """The part of `text` no later token can change: up to the earliest stop string, once no stop string
+        that would begin before it can still complete (`more`: tokens may follow); else up to a tail that may
+        begin a stop string, and short of trailing whitespace."""
+        found = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        open_at = min((len(text) - k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])),
+                      default=len(text)) if more else len(text)
+        if found and min(found) <= open_at:
+            self.stopped = True
+            return text[:min(found)]
+        return text[:min(open_at, len(text.rstrip()))]
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from peft import PeftModel
 
 DENSE_UP_TO = 16  # adapters; measured on SmolLM2-135M (benchmarks/routed_generation.py), see README
+NO_ADAPTER = "__base__"  # PEFT's name for a row of the base model in mixed-adapter batches
 
 
 class MixedLoRA:
@@ -96,9 +97,13 @@ class MixedLoRA:
 
     @contextmanager
     def rows(self, names: list[str]) -> Iterator[None]:
-        """Within the block, row i of every forward pass uses adapter names[i] ('__base__' or unknown: none)."""
+        """Within the block, row i of every forward pass uses adapter names[i] (NO_ADAPTER: none). A name that is
+        not one of the stacked adapters is an error, never the base model in its place."""
         import torch
 
+        unknown = sorted({n for n in names if n != NO_ADAPTER and n not in self.index})
+        if unknown:
+            raise KeyError(f"adapter(s) {unknown} are not among the stacked adapters {self.adapters}")
         device = self.layers[0][1].device if self.layers else "cpu"
         dtype = self.layers[0][1].dtype if self.layers else torch.float32
         rows = torch.tensor([self.index.get(n, -1) for n in names], device=device)

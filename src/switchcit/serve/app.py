@@ -11,14 +11,15 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from ..errors import SwitchcitError
 from .config import ENDPOINTS, ServeConfig
+from .connections import uvicorn_config
 from .continuous import ContinuousEngine
-from .engine import Engine, Job, Metrics, StaticEngine
+from .engine import Engine, Job, Metrics, StaticEngine, client_gone
 from .errors import ApiError, invalid
 from .openai_api import Ask, openapi_body, parse_ask, response_body, stream_events, token_events
 from .upstream import Upstream
@@ -27,13 +28,14 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
 
 log = logging.getLogger("switchcit.serve")
+T = TypeVar("T")
 HEARTBEAT_S = 0.5  # a quiet stream sends an SSE comment this often, so that a hung-up client is noticed
 
 
 def create_app(config: ServeConfig) -> "FastAPI":
     """Load the store (the LLM too unless router-only) and build the app; the worker runs while it is served."""
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, Response, StreamingResponse
+    from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
     from prometheus_client import CONTENT_TYPE_LATEST
     from starlette.exceptions import HTTPException
 
@@ -54,10 +56,10 @@ def create_app(config: ServeConfig) -> "FastAPI":
                 await upstream.client.aclose()
 
     app = FastAPI(title="switchcit", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url="/openapi.json")
-    app.state.engine = engine
+    app.state.engine, app.state.config = engine, config
 
     def error(exc: ApiError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -87,12 +89,19 @@ def create_app(config: ServeConfig) -> "FastAPI":
         metrics.observe(path if path in ENDPOINTS else "other", response.status_code, time.perf_counter() - begin)
         return response
 
-    @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok", "mode": "generate" if engine.generates else "router",
+    @app.get("/health", responses={503: {"description": "the worker has stopped: the server answers nothing"}})
+    async def health() -> JSONResponse:
+        body = {"status": "ok", "mode": "generate" if engine.generates else "router",
                 "tasks": len(engine.cm.task_names)}
+        if engine.reload_error:
+            body["store"] = f"reloading the store fails, the tasks loaded before are served: {engine.reload_error}"
+        if engine.dead:
+            return JSONResponse({**body, "status": "error", "error": f"the worker stopped: {engine.dead}"}, 503)
+        return JSONResponse(body)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse,
+             responses={200: {"description": "Prometheus text format",
+                              "content": {"text/plain": {"schema": {"type": "string"}}}}})
     async def metrics_text() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
@@ -131,7 +140,8 @@ def create_app(config: ServeConfig) -> "FastAPI":
         ask = parse_ask(body, chat, config, engine.models)
         if ask.stream and engine.streams:
             return await stream_tokens(ask)
-        answers = await engine.answer(ask.prompts, ask.task, ask.max_tokens, tuple(ask.stop))
+        answers = await unless_client_leaves(request, engine.answer(ask.prompts, ask.task, ask.max_tokens,
+                                                                    tuple(ask.stop)))
         if upstream is None:
             if ask.stream:
                 return StreamingResponse(stream_events(ask, answers), media_type="text/event-stream")
@@ -140,6 +150,19 @@ def create_app(config: ServeConfig) -> "FastAPI":
         if ask.stream:
             return StreamingResponse(await upstream.open_stream(ask, routes), media_type="text/event-stream")
         return JSONResponse(await upstream.complete(ask, routes))
+
+    async def unless_client_leaves(request: Request, answer: Awaitable[T]) -> T:
+        """`answer`, cancelled should the client hang up first: uvicorn never cancels a handler whose client left,
+        and the cancelled request's rows leave the batch at the next step instead of generating for nobody."""
+        work, left = asyncio.ensure_future(answer), asyncio.ensure_future(client_left(request))
+        try:
+            done, _ = await asyncio.wait({work, left}, return_when=asyncio.FIRST_COMPLETED)
+            if work not in done and left.exception() is None:
+                raise client_gone()
+            return await work  # (a connection that cannot be watched just waits for its answer)
+        finally:
+            left.cancel()
+            work.cancel()
 
     async def stream_tokens(ask: Ask) -> Response:
         """Stream each prompt's tokens as they are decoded. Errors before the first token (a forgotten task, a
@@ -211,6 +234,12 @@ def create_app(config: ServeConfig) -> "FastAPI":
     return app
 
 
+async def client_left(request) -> None:
+    """Return once the client has hung up (the server's disconnect message, after the body was read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 @contextmanager
 def serve_in_thread(app: "FastAPI", host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
     """Serve an app on a background thread (tests, benchmarks, notebooks); yields its base URL.
@@ -222,7 +251,7 @@ def serve_in_thread(app: "FastAPI", host: str = "127.0.0.1", port: int = 0) -> I
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server = uvicorn.Server(uvicorn_config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="switchcit-http", daemon=True)
     thread.start()
     while not server.started:

@@ -11,6 +11,7 @@ from ..errors import SwitchcitError
 from ..options import config_from, config_options, fallback_option, model_options
 from .app import create_app
 from .config import ServeConfig
+from .connections import uvicorn_config
 from .upstream import vllm_command
 
 log = logging.getLogger("switchcit.serve")
@@ -68,4 +69,4 @@ def cmd_serve(args: argparse.Namespace) -> None:
     mode = f"routing to {config.upstream}" if config.upstream else "generating"
     log.info("serving store %s (%d tasks, %s) on http://%s:%d/v1", config.store, len(app.state.engine.cm.task_names),
              mode, config.host, config.port)
-    uvicorn.run(app, host=config.host, port=config.port, log_level="info")
+    uvicorn.Server(uvicorn_config(app, host=config.host, port=config.port, log_level="info")).run()

@@ -115,7 +115,7 @@ def openapi_body(kind: str) -> dict:
     """`openapi_extra` for a route whose body `parse_ask` reads: the schema, and the errors it answers."""
     error = {"description": "an OpenAI error object: {\"error\": {\"message\", \"type\", \"param\", \"code\"}}"}
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": REQUEST_SCHEMAS[kind]}}},
-            "responses": {str(code): error for code in (400, 401, 404, 408, 413, 500)}}
+            "responses": {str(code): error for code in (400, 401, 404, 408, 413, 429, 500, 503)}}
 
 
 def _max_tokens(body: dict, limit: int) -> int:
