@@ -171,7 +171,8 @@ def cmd_generate(args) -> None:
 
     inputs, cm = _inputs(args), _open(args)
     chunk = max(1, args.batch_size * 8)
-    with RowWriter(_outside_store(args, args.out)) if args.out else contextlib.nullcontext() as writer:
+    types = {"task": "string", "confidence": "float64", "output": "string"}
+    with RowWriter(_outside_store(args, args.out), types) if args.out else contextlib.nullcontext() as writer:
         for start in range(0, len(inputs), chunk):
             rows = inputs[start:start + chunk]
             answers = cm.generate([p for _, p in rows], max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)

@@ -229,10 +229,13 @@ def _reach_hub(shown: str) -> None:
 # -- writing ------------------------------------------------------------------------------------------
 
 class RowWriter:
-    """Rows appended to a JSONL, CSV, TSV or Parquet file as they come (flushed per call), closed on exit."""
+    """Rows appended to a JSONL, CSV, TSV or Parquet file as they come (flushed per call), closed on exit.
+    Parquet fixes its schema with the first rows: `types` names the Arrow type of columns those rows may leave
+    empty (e.g. {"confidence": "float64"}); other columns empty there are text."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, types: dict[str, str] | None = None):
         self.path = Path(path)
+        self.types = types or {}
         self.kind = self.path.suffix.lower()
         if self.kind not in WRITABLE:
             raise SwitchcitError(f"{self.path}: cannot write '{self.kind}' files: name it {' or '.join(WRITABLE)}")
@@ -272,11 +275,11 @@ class RowWriter:
 
         try:
             if self._parquet is None:
-                table = pa.Table.from_pylist(rows)
-                self._parquet = pq.ParquetWriter(self.path, table.schema)
-            else:
-                table = pa.Table.from_pylist(rows, schema=self._parquet.schema_arrow)
-            self._parquet.write_table(table)
+                schema = pa.schema(f.with_type(pa.type_for_alias(self.types[f.name])) if f.name in self.types
+                                   else f.with_type(pa.string()) if pa.types.is_null(f.type) else f
+                                   for f in pa.Table.from_pylist(rows).schema)
+                self._parquet = pq.ParquetWriter(self.path, schema)
+            self._parquet.write_table(pa.Table.from_pylist(rows, schema=self._parquet.schema))
         except (pa.ArrowException, KeyError) as exc:
             raise SwitchcitError(f"{self.path}: rows do not fit one Parquet schema ({exc}): write JSONL") from None
 

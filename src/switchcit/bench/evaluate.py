@@ -48,7 +48,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def read_heldout(source: str, known: list[str], task: str | None = None, columns: str | None = None,
                  max_examples: int | None = None, progress: bool = False) -> dict[str, list[Example]]:
-    """Held-out examples by task: a row's 'task' column, else its file's name in a folder, else `task`."""
+    """Held-out examples by task, in the store's learning order: a row's task is its 'task' column, else its
+    file's name in a folder, else `task`."""
     if max_examples is not None and max_examples < 1:
         raise SwitchcitError(f"--max-examples must be at least 1, not {max_examples}")
     named = parse_columns(columns) if columns else {}
@@ -71,7 +72,7 @@ def read_heldout(source: str, known: list[str], task: str | None = None, columns
             rows.append(example)
     if not heldout:
         raise SwitchcitError(f"{source}: no rows of task '{task}'")
-    return heldout
+    return {name: heldout[name] for name in known if name in heldout}  # in learning order
 
 
 def _source(example: Example) -> str:
