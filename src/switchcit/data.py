@@ -138,17 +138,18 @@ class Shape:
         """One row -> Example; raises ValueError with a short reason."""
         if not isinstance(row, dict):
             raise ValueError("expected a JSON object")
-        value = {role: row.get(column) for role, column in self.columns.items()}
-        key = self.columns[SHAPES[self.kind].key]
-        if self.kind == "chat":
-            example = _parse_chat(value["messages"], require_output, key)
-        elif self.kind == "sharegpt":
-            example = _parse_chat(_share_gpt(value["conversations"], key), require_output, key)
-        elif self.kind == "prompt" and isinstance(value["prompt"], list):  # TRL's conversational prompt/completion
-            answer = value["output"] if isinstance(value["output"], list) else []
-            example = _parse_chat(value["prompt"] + answer, require_output, key)
+        column = self.columns
+        if self.kind == "alpaca" or self.kind == "prompt" and not isinstance(row.get(column["prompt"]), list):
+            example = self._parse_fields(row, require_output)
+        elif self.kind == "prompt":  # TRL's conversational prompt/completion: lists of messages
+            answer = row.get(column["output"])
+            example = _parse_chat(row[column["prompt"]] + (answer if isinstance(answer, list) else []),
+                                  require_output, column["prompt"])
+        elif self.kind == "chat":
+            example = _parse_chat(row.get(column["messages"]), require_output, column["messages"])
         else:
-            example = self._parse_fields(value, require_output)
+            key = column["conversations"]
+            example = _parse_chat(_share_gpt(row.get(key), key), require_output, key)
         for text in (example.prompt, example.output or ""):
             try:
                 text.encode("utf-8")
@@ -157,21 +158,22 @@ class Shape:
                                  "text") from None
         return example
 
-    def _parse_fields(self, value: dict, require_output: bool) -> Example:
+    def _parse_fields(self, row: dict, require_output: bool) -> Example:
         """Alpaca and prompt/completion rows: text columns."""
-        name = {role: f"'{column}'" for role, column in self.columns.items()}
-        instruction = value.get("instruction", value.get("prompt"))
-        input_text, output = value.get("input"), value["output"]
+        column = self.columns
+        asked = column.get("instruction") or column["prompt"]
+        instruction, output = row.get(asked), row.get(column["output"])
+        input_text = row.get(column["input"]) if "input" in column else None
         if not isinstance(instruction, str) or not instruction.strip():
-            raise ValueError(f"missing or empty {name.get('instruction', name.get('prompt'))}")
+            raise ValueError(f"missing or empty '{asked}'")
         if input_text is not None and not isinstance(input_text, str):
-            raise ValueError(f"{name['input']} must be a string")
+            raise ValueError(f"'{column['input']}' must be a string")
         if output is None and require_output:
-            raise ValueError(f"missing {name['output']}")
+            raise ValueError(f"missing '{column['output']}'")
         if output is not None and not isinstance(output, str):
-            raise ValueError(f"{name['output']} must be a string")
+            raise ValueError(f"'{column['output']}' must be a string")
         if require_output and not output.strip():
-            raise ValueError(f"empty {name['output']}")
+            raise ValueError(f"empty '{column['output']}'")
         return Example(make_prompt(instruction, input_text), output, instruction if input_text else None)
 
 
@@ -268,20 +270,18 @@ def read_examples(source: str | Path, require_output: bool = True, columns: str 
 
     named = parse_columns(columns) if isinstance(columns, str) else dict(columns or {})
     shape: Shape | None = None
-    bar = None
-    for where, row in read_rows(source):
-        try:
-            if shape is None:
-                shape = detect_shape(row, named, require_output)
-                bar = tqdm(desc=f"read {source}: {shape.label}", unit=" rows", disable=not progress)
-            example = shape.parse(row, require_output)
-        except ValueError as exc:
-            raise SwitchcitError(f"{where}: {_mixed(shape, row) or exc}") from None
-        bar.update()
-        yield where, row, example
-    if bar is None:
+    with tqdm(read_rows(source), desc=f"read {source}", unit=" rows", disable=not progress) as rows:
+        for where, row in rows:
+            try:
+                if shape is None:
+                    shape = detect_shape(row, named, require_output)
+                    rows.set_description(f"read {source}: {shape.label}")
+                example = shape.parse(row, require_output)
+            except ValueError as exc:
+                raise SwitchcitError(f"{where}: {_mixed(shape, row) or exc}") from None
+            yield where, row, example
+    if shape is None:
         raise SwitchcitError(f"{source}: no examples: a task needs at least one row")
-    bar.close()
 
 
 def load_examples(source: str | Path, require_output: bool = True, columns: str | dict[str, str] | None = None,

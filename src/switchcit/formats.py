@@ -166,7 +166,9 @@ def _parquet_rows(path: Path) -> Rows:
     pa = _need_arrow(path)
     number = 0
     try:
-        for batch in pa.parquet.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS):
+        # Buffered page reads, no pre-buffering: a row group is decoded a batch at a time, not held whole.
+        parquet = pa.parquet.ParquetFile(path, buffer_size=1 << 20, pre_buffer=False)
+        for batch in parquet.iter_batches(batch_size=BATCH_ROWS):
             for row in batch.to_pylist():
                 number += 1
                 yield Where(str(path), number), row
