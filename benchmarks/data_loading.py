@@ -90,7 +90,7 @@ def resident_mb() -> float:
 
 def load(path: Path) -> dict:
     """Peak memory of reading `path` over the resident memory before it (for a file much larger than the
-    imports' own peak); examples' memory counts each distinct object once."""
+    imports' own peak), and the memory its examples hold (objects and strings)."""
     import pyarrow.parquet  # noqa: F401 - imported before the baseline, which then holds no data
 
     from switchcit.data import load_examples
@@ -99,14 +99,9 @@ def load(path: Path) -> dict:
     examples = load_examples(path)
     seconds = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    seen: set[int] = set()
-    held = 0
-    for e in examples:
-        for obj in (e, e.prompt, e.output, e.wording):
-            if obj is not None and id(obj) not in seen:
-                seen.add(id(obj))
-                held += sys.getsizeof(obj)
-    held += sys.getsizeof(examples)
+    held = sys.getsizeof(examples) + sum(sys.getsizeof(e) + sys.getsizeof(e.prompt) + sys.getsizeof(e.output)
+                                         + (sys.getsizeof(e.wording) if e.wording is not None else 0)
+                                         for e in examples)
     return {"path": str(path), "rows": len(examples), "file_mb": path.stat().st_size / 2**20,
             "examples_mb": held / 2**20, "baseline_rss_mb": baseline, "peak_rss_mb": peak,
             "peak_over_examples": (peak - baseline) / (held / 2**20), "seconds": seconds}

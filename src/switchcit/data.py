@@ -275,7 +275,7 @@ def read_examples(source: str | Path, require_output: bool = True, columns: str 
             try:
                 if shape is None:
                     shape = detect_shape(row, named, require_output)
-                    rows.set_description(f"read {source}: {shape.label}")
+                    rows.set_description(f"read {source} as {shape.label}")
                 example = shape.parse(row, require_output)
             except ValueError as exc:
                 raise SwitchcitError(f"{where}: {_mixed(shape, row) or exc}") from None
