@@ -247,7 +247,7 @@ def detect_shape(row: object, named: dict[str, str], require_output: bool) -> Sh
     missing = [shape.columns[r] for r in needed if shape.columns[r] not in row]
     missing += [c for r, c in named.items() if r != "task" and c not in row and c not in missing]
     if missing:
-        fix = "" if named else f", e.g. {_suggest(row)}"
+        fix = "" if set(named) - {"task"} else f", e.g. {_suggest(row)}"
         raise ValueError(f"{spec.label} rows need the column(s) {', '.join(missing)}; {_found(row)}: name the columns "
                          f"with --columns{fix}")
     return shape
