@@ -101,7 +101,7 @@ SHAPES = {
 ROLE_SHAPE = {"instruction": "alpaca", "input": "alpaca", "prompt": "prompt", "messages": "chat",
               "conversations": "sharegpt"}
 ROLES = (*ROLE_SHAPE, "output", "task")  # task: the held-out rows' task, for `switchcit eval`
-ROLE_ALIASES = {"completion": "output", "response": "output"}
+ROLE_ALIASES = {"completion": "output"}
 # Column names that usually hold each role, for the `--columns` an unknown shape's error suggests.
 LIKELY = {"instruction": ("instruction", "question", "query", "prompt", "text", "problem", "source", "document",
                           "article", "input"),

@@ -50,7 +50,7 @@ def read_rows(source: str | Path) -> Rows:
         if is_saved_dataset(path):
             yield from _saved_rows(path)
         else:
-            for file in data_files(path):
+            for file in _data_files(path):
                 yield from _file_rows(file)
     elif path.is_file():
         yield from _file_rows(path)
@@ -62,10 +62,11 @@ def is_saved_dataset(folder: Path) -> bool:
     return (folder / "state.json").is_file() or (folder / "dataset_dict.json").is_file()
 
 
-def data_files(folder: Path) -> list[Path]:
-    """The data files under a folder (any depth, hidden ones skipped), in name order."""
-    found = sorted(p for p in folder.rglob("*") if p.suffix in SUFFIXES and p.is_file()
-                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+def _data_files(folder: Path) -> list[Path]:
+    """The data files under a folder (any depth; hidden ones and save_to_disk metadata skipped), in name order."""
+    found = sorted(p for p in folder.rglob("*") if p.suffix.lower() in SUFFIXES and p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+                   and not is_saved_dataset(p.parent))
     if not found:
         raise SwitchcitError(f"{folder} holds no data files ({', '.join(SUFFIXES)}): give a file or another folder")
     return found
@@ -145,6 +146,10 @@ def _csv_rows(path: Path, delimiter: str) -> Rows:
         raise SwitchcitError(f"{Where(str(path), number + 1)}: {exc}: fix the row") from None
 
 
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())
+
+
 def _need_arrow(what: object, doing: str = "reading"):
     """pyarrow, with its parquet module loaded."""
     try:
@@ -173,7 +178,7 @@ def _parquet_rows(path: Path) -> Rows:
                 number += 1
                 yield Where(str(path), number), row
     except (pa.ArrowException, OSError) as exc:
-        raise SwitchcitError(f"{path}: not a readable Parquet file ({exc})") from None
+        raise SwitchcitError(f"{path}: not a readable Parquet file ({_one_line(exc)})") from None
 
 
 def _saved_rows(folder: Path) -> Rows:
@@ -181,7 +186,7 @@ def _saved_rows(folder: Path) -> Rows:
     try:
         dataset = datasets.load_from_disk(str(folder))
     except Exception as exc:  # datasets' failures come in many types; all mean an unreadable folder
-        raise SwitchcitError(f"{folder}: not a readable save_to_disk folder ({exc})") from None
+        raise SwitchcitError(f"{folder}: not a readable save_to_disk folder ({_one_line(exc)})") from None
     if isinstance(dataset, datasets.DatasetDict):
         if len(dataset) != 1:
             raise SwitchcitError(f"{folder} holds the splits {', '.join(dataset)}: give one split's folder, e.g. "
@@ -211,7 +216,7 @@ def _hub_rows(spec: str) -> Rows:
         raise SwitchcitError(f"{shown}: the Hugging Face hub cannot be reached (offline): go online, or give a local "
                              "copy (a data file or a save_to_disk folder)") from None
     except Exception as exc:  # the hub's failures come in many types: a missing dataset or split, a gated one, ...
-        raise SwitchcitError(f"{shown}: cannot load it from the Hugging Face hub ({exc})".replace("\n", " ")) from None
+        raise SwitchcitError(f"{shown}: cannot load it from the Hugging Face hub ({_one_line(exc)})") from None
 
 
 def _reach_hub(shown: str) -> None:
