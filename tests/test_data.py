@@ -151,7 +151,7 @@ def test_every_format_and_shape_reads_the_rows_of_its_jsonl(tmp_path, capsys):
             assert [e.wording for e in examples] == [e.wording for e in reference], name
     progress = capsys.readouterr().err
     for shape in ("Alpaca rows (instruction, input, output)", "chat rows (messages)", "ShareGPT rows (conversations)",
-                  "prompt/completion rows (prompt, output=completion)",
+                  "prompt/completion rows (prompt, completion)", "prompt/completion rows (prompt=text, output=summary)",
                   "Alpaca rows (instruction=question, input=context, output=answer)"):
         assert shape in progress
 

@@ -131,7 +131,8 @@ class Shape:
 
     @property
     def label(self) -> str:
-        named = (role if column == role else f"{role}={column}" for role, column in self.columns.items())
+        usual = SHAPES[self.kind].columns
+        named = (column if column == usual[role] else f"{role}={column}" for role, column in self.columns.items())
         return f"{SHAPES[self.kind].label} rows ({', '.join(named)})"
 
     def parse(self, row: object, require_output: bool) -> Example:
