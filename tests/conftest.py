@@ -64,6 +64,33 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
+def write_rows(path: Path, rows: list[dict]) -> Path:
+    """Rows as the file or folder `path` names: .jsonl, .json (an array), .csv, .tsv, .parquet, or a save_to_disk
+    folder (no suffix)."""
+    import csv
+
+    if path.suffix == ".jsonl":
+        return write_jsonl(path, rows)
+    if path.suffix == ".json":
+        path.write_text(json.dumps(rows, indent=1))
+    elif path.suffix in (".csv", ".tsv"):
+        with path.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, list(rows[0]), delimiter="," if path.suffix == ".csv" else "\t")
+            writer.writeheader()
+            writer.writerows(rows)
+    elif path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    else:
+        import datasets
+
+        datasets.disable_progress_bars()
+        datasets.Dataset.from_list(rows).save_to_disk(str(path))
+    return path
+
+
 def task_rows(task: Task) -> list[dict]:
     return [{"instruction": e.prompt.split("\n\n")[0], "input": e.prompt.split("\n\n")[1], "output": e.output}
             for e in task.examples]

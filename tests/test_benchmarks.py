@@ -39,3 +39,12 @@ def test_gpu_script_runs_on_cpu_with_a_tiny_shape(tmp_path):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 1 and rows[0]["config"]["shape"] == "tiny"
     assert set(rows[0]["tokens_per_s"]) == {"base", "single_adapter", "peft_mixed", "mixed", "naive"}
+
+
+def test_data_loading_compares_the_old_reader_and_measures_parquet(tmp_path):
+    out = json.loads(_run("data_loading.py", "--json", "--rows", "300", "--repeats", "1").splitlines()[-1])
+    assert out["rows"] == 300 and set(out["seconds"]) == {"old", "new"}
+    path = tmp_path / "rows.parquet"
+    written = json.loads(_run("data_loading.py", "--json", "--write-parquet", path, "--mb", "0.5"))
+    loaded = json.loads(_run("data_loading.py", "--json", "--load", path))
+    assert loaded["rows"] == written["rows"] == 100_000 and loaded["examples_mb"] > 0 and loaded["peak_rss_mb"] > 0

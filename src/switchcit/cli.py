@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import sys
+from pathlib import Path
 
 from .bench import add_parser as add_bench_parser
 from .bench import cmd_bench
+from .bench.evaluate import add_parser as add_eval_parser
 from .bundle import MAX_BYTES
 from .errors import SwitchcitError, one_line, write_failure
 from .experts import ExpertConfig
 from .memory import MemoryConfig
-from .options import config_from, config_options, fallback_option, model_options
+from .options import columns_option, config_from, config_options, fallback_option, model_options
 from .serve import add_parser as add_serve_parser
 from .serve import cmd_serve
 from .switch import SwitchConfig
@@ -35,7 +38,8 @@ def _byte_count(text: str) -> int:
 def _prompt_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", required=True, help="store folder")
     p.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompts to answer")
-    p.add_argument("--file", help="JSONL file of prompts in the learning-data format (output optional)")
+    p.add_argument("--file", help="prompts in any format and shape `learn` reads (output optional)")
+    columns_option(p)
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     fallback_option(p)
 
@@ -48,10 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("learn", help="learn a new task into a store (creates the store if needed)")
     p.add_argument("--store", required=True)
     p.add_argument("--task", required=True, help="task name: [a-z0-9][a-z0-9_-]{0,63}")
-    p.add_argument("--data", required=True, help="JSONL training data (Alpaca or chat rows)")
+    p.add_argument("--data", required=True, help="training rows: JSONL, JSON, CSV, TSV, Parquet, a folder of them, a "
+                   "save_to_disk folder or hf:ORG/NAME[:SPLIT]; Alpaca, chat, ShareGPT or prompt/completion rows")
+    columns_option(p)
     p.add_argument("--replace", action="store_true", help="retrain a task already in the store (default: off)")
-    p.add_argument("--eval-data", default=None, metavar="FILE", help="JSONL rows for the eval loss (instead of "
-                   "--eval-fraction)")
+    p.add_argument("--eval-data", default=None, metavar="FILE", help="rows for the eval loss, read like --data "
+                   "(instead of --eval-fraction)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted learn of this task, data and "
                    "configuration from its last checkpoint (default: off)")
     config_options(p, ExpertConfig)
@@ -69,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     _prompt_options(p)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--out", default=None, help="write the rows with task, confidence and output columns to this "
+                   ".jsonl, .csv, .tsv or .parquet file as they are answered")
     model_options(p)
 
     p = sub.add_parser("tasks", help="list the tasks in a store")
@@ -99,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_parser(sub)
     add_bench_parser(sub)
+    add_eval_parser(sub)
     return parser
 
 
@@ -112,15 +121,25 @@ def _open(args, **kwargs):
                           progress=not args.quiet, fallback=not args.no_fallback, **kwargs)
 
 
-def _prompts(args) -> list[str]:
-    from .data import load_examples
+def _inputs(args) -> list[tuple[dict, str]]:
+    """(row, prompt) per prompt, all read and checked before any is answered."""
+    from .data import read_examples
 
     if args.file and args.prompts:
         raise SwitchcitError("give prompts as arguments or --file, not both")
-    prompts = [e.prompt for e in load_examples(args.file, require_output=False)] if args.file else args.prompts
-    if not prompts:
-        raise SwitchcitError("no prompts: give PROMPT arguments or --file FILE.jsonl")
-    return prompts
+    if args.file:
+        return [(row, e.prompt) for _, row, e in read_examples(args.file, False, args.columns)]
+    if not args.prompts:
+        raise SwitchcitError("no prompts: give PROMPT arguments or --file FILE")
+    return [({"prompt": p}, p) for p in args.prompts]
+
+
+def _outside_store(args, path: str) -> str:
+    out, store = Path(path).resolve(), Path(args.store).resolve()
+    source = getattr(args, "file", None) or getattr(args, "data", None)
+    if out == store or store in out.parents or source and out == Path(source).resolve():
+        raise SwitchcitError(f"{path} is inside store {args.store} or is the input: write it elsewhere")
+    return path
 
 
 def cmd_learn(args) -> None:
@@ -131,10 +150,10 @@ def cmd_learn(args) -> None:
     expert = config_from(args, ExpertConfig)  # bad options fail first, before any data is read
     memory = config_from(args, MemoryConfig, seed=expert.seed)
     switch = config_from(args, SwitchConfig)
-    task = Task(args.task, load_examples(args.data))
+    task = Task(args.task, load_examples(args.data, columns=args.columns, progress=not args.quiet))
     if args.eval_data and expert.eval_fraction:
         raise SwitchcitError("give --eval-data or --eval-fraction, not both")
-    eval_examples = load_examples(args.eval_data) if args.eval_data else None
+    eval_examples = load_examples(args.eval_data, columns=args.columns) if args.eval_data else None
     store = Store(args.store)
     ours = {LOGS, *KINDS}  # what a first learn that was interrupted can leave; the next commit sweeps it
     if not store.exists() and store.root.exists() and any(p.name not in ours and not p.name.startswith(".")
@@ -151,7 +170,7 @@ def cmd_learn(args) -> None:
 
 
 def cmd_route(args) -> None:
-    prompts = _prompts(args)
+    prompts = [p for _, p in _inputs(args)]
     for prompt, r in zip(prompts, _open(args).route(prompts)):
         if args.json:
             print(json.dumps({"prompt": prompt, "task": r.task, "confidence": r.confidence}))
@@ -161,14 +180,36 @@ def cmd_route(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    prompts = _prompts(args)
-    answers = _open(args).generate(prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-    for a in answers:
-        if args.json:
-            print(json.dumps({"prompt": a.prompt, "task": a.task, "confidence": a.confidence, "output": a.output}))
-        else:
-            conf = "" if a.confidence is None else f" {a.confidence:.3f}"
-            print(f"[{a.task}{conf}] {a.output}")
+    """Answers in chunks of a few batches, each printed or written (--out) as soon as it is done."""
+    from .formats import RowWriter
+
+    inputs, cm = _inputs(args), _open(args)
+    chunk = max(1, args.batch_size * 8)
+    types = {"task": "string", "confidence": "float64", "output": "string"}
+    with RowWriter(_outside_store(args, args.out), types) if args.out else contextlib.nullcontext() as writer:
+        for start in range(0, len(inputs), chunk):
+            rows = inputs[start:start + chunk]
+            answers = cm.generate([p for _, p in rows], max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+            if writer:
+                writer.write([{**row, "task": a.task, "confidence": a.confidence, "output": a.output}
+                              for (row, _), a in zip(rows, answers)])
+                continue
+            for a in answers:
+                conf = "" if a.confidence is None else f" {a.confidence:.3f}"
+                print(json.dumps({"prompt": a.prompt, "task": a.task, "confidence": a.confidence, "output": a.output})
+                      if args.json else f"[{a.task}{conf}] {a.output}", flush=True)
+
+
+def cmd_eval(args) -> None:
+    from .bench.evaluate import evaluate, read_heldout, render_table, write_report
+
+    out = _outside_store(args, args.out) if args.out else None
+    cm = _open(args)
+    heldout = read_heldout(args.data, cm.task_names, args.task, args.columns, args.max_examples, not args.quiet)
+    report = evaluate(cm, heldout, args.metric, args.max_new_tokens, args.batch_size)
+    print(json.dumps(report) if args.json else render_table(report))
+    if out:
+        write_report(report, Path(out))
 
 
 def cmd_tasks(args) -> None:
@@ -217,7 +258,7 @@ def cmd_demo(args) -> None:
 
 COMMANDS = {"learn": cmd_learn, "route": cmd_route, "generate": cmd_generate, "tasks": cmd_tasks,
             "forget": cmd_forget, "export": cmd_export, "import": cmd_import, "serve": cmd_serve, "bench": cmd_bench,
-            "demo": cmd_demo}
+            "demo": cmd_demo, "eval": cmd_eval}
 
 
 # What an interrupted command leaves, for the commands that write something.

@@ -54,3 +54,10 @@ def model_options(p: argparse.ArgumentParser, quiet: bool = True) -> None:
 def fallback_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-fallback", action="store_true",
                    help="always use the nearest task's adapter, even for prompts unlike every learned task")
+
+
+def columns_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--columns", default=None, metavar="ROLE=COLUMN,...",
+                   help="which columns hold what, when the row shape is not detected: e.g. instruction=question,"
+                   "output=answer or prompt=text,output=summary (roles: instruction, input, output, prompt, "
+                   "messages, conversations, task) (default: detected from the first row)")
