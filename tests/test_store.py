@@ -30,7 +30,7 @@ def _assert_refused(proc, pattern):
     ("missing_file", "data file not found"),
     ("malformed_json", "bad.jsonl:2: malformed JSON"),
     ("empty_task", "no examples"),
-    ("missing_output", "bad.jsonl:1: missing 'output'"),
+    ("missing_output", "bad.jsonl:1: Alpaca rows need"),
     ("duplicate_name", "already in store"),
     ("reserved_name", "reserved"),
     ("malformed_name", "invalid task name"),

@@ -150,15 +150,16 @@ def cmd_learn(args) -> None:
     expert = config_from(args, ExpertConfig)  # bad options fail first, before any data is read
     memory = config_from(args, MemoryConfig, seed=expert.seed)
     switch = config_from(args, SwitchConfig)
-    task = Task(args.task, load_examples(args.data, columns=args.columns, progress=not args.quiet))
     if args.eval_data and expert.eval_fraction:
         raise SwitchcitError("give --eval-data or --eval-fraction, not both")
-    eval_examples = load_examples(args.eval_data, columns=args.columns) if args.eval_data else None
-    store = Store(args.store)
+    store = Store(args.store)  # a store we cannot write to fails before a large file is read
     ours = {LOGS, *KINDS}  # what a first learn that was interrupted can leave; the next commit sweeps it
-    if not store.exists() and store.root.exists() and any(p.name not in ours and not p.name.startswith(".")
-                                                          for p in store.root.iterdir()):
+    if store.exists():
+        store.read()
+    elif store.root.exists() and any(p.name not in ours and not p.name.startswith(".") for p in store.root.iterdir()):
         raise SwitchcitError(f"{args.store} exists and is not a switchcit store: choose an empty or new folder")
+    task = Task(args.task, load_examples(args.data, columns=args.columns, progress=not args.quiet))
+    eval_examples = load_examples(args.eval_data, columns=args.columns) if args.eval_data else None
     cm = ContinualModel(args.store, base_model=args.model, encoder=args.encoder, device=args.device,
                         dtype=args.dtype, progress=not args.quiet, expert_config=expert, memory_config=memory,
                         switch_config=switch)
