@@ -11,8 +11,9 @@ from test_bench import parse
 from switchcit import BASE, ContinualModel, SwitchcitError, SwitchConfig, Task
 from switchcit.bench.routing import RoutingConfig, encode_stream, memories_for
 from switchcit.bench.streams import SHAPES, load_stream
-from switchcit.gaussian import GaussianSwitch, TaskStats, threshold_ratio, wording_folds
+from switchcit.gaussian import FEW_ROWS_FACTOR, GaussianSwitch, TaskStats, calibrate, wording_folds
 from switchcit.memory import MemoryConfig, TaskMemory, build_switch, remember
+from switchcit.variants import encode_variants, prompt_variants, segments, variants
 
 DIM = 16
 
@@ -38,16 +39,19 @@ def test_statistics_add_up_exactly_so_the_switch_forgets_nothing():
     for t, x in features.items():  # incremental: each task sees only what the store keeps of earlier ones
         memories[t] = remember(x, memory, config)
     incremental = build_switch(memories, config)
-    joint = GaussianSwitch.fit({t: TaskStats.of(x) for t, x in features.items()}, {t: 1.0 for t in features},
+    calibrations = {t: m.calibration for t, m in memories.items()}
+    joint = GaussianSwitch.fit({t: TaskStats.of(x) for t, x in features.items()}, calibrations,
                                config.shrinkage, config.unknown_shrinkage)
     probe = torch.cat(list(clusters(seed=1).values()) + list(features.values()))
     assert incremental.predict(probe)[0] == joint.predict(probe)[0]
     assert torch.allclose(incremental.precision, joint.precision)
     # forgetting a task is dropping its statistics: the same switch as never having learned it
     kept = {t: m for t, m in memories.items() if t != "t1"}
-    never = GaussianSwitch.fit({t: TaskStats.of(features[t]) for t in kept}, {t: 1.0 for t in kept},
+    never = GaussianSwitch.fit({t: TaskStats.of(features[t]) for t in kept}, calibrations,
                                config.shrinkage, config.unknown_shrinkage)
     assert build_switch(kept, config).predict(probe)[0] == never.predict(probe)[0]
+    assert torch.equal(build_switch(kept, config).thresholds, never.thresholds)
+    assert torch.allclose(incremental.thresholds, joint.thresholds)
 
 
 def test_gaussian_switch_routes_and_rejects_far_requests(tmp_path):
@@ -61,7 +65,8 @@ def test_gaussian_switch_routes_and_rejects_far_requests(tmp_path):
     for t, x in fresh.items():
         labels, confidences = switch.predict(x[60:])
         assert labels == [t] * 30 and all(0 < c <= 1 for c in confidences)
-        assert sum(switch.known(x[60:], labels)) >= 27  # about false_rejection of a task's new prompts go
+        # about false_rejection (0.1) of a task's new prompts go where, as here, its rows have no variants
+        assert sum(switch.known(x[60:], labels)) >= 24
     far = 40.0 + torch.randn(20, DIM)
     assert not any(switch.known(far, switch.predict(far)[0]))
     assert (switch.unknown_score(far) > 1).all()
@@ -166,10 +171,14 @@ def test_learn_calibrates_on_the_wordings_of_alpaca_rows(tmp_path, tiny_model, s
     path = tmp_path / "s" / cm.tasks[0].memory
     assert all(e.wording.encode() not in path.read_bytes() for e in train.examples)
     features, config = cm.encoder.encode(train.prompts), cm.switch_config
-    by_wording = threshold_ratio(features, config.unknown_shrinkage, config.false_rejection, 0, train.wordings)
-    by_rows = threshold_ratio(features, config.unknown_shrinkage, config.false_rejection, 0, None)
-    assert by_wording != by_rows
-    assert TaskMemory.load(path).ratio == pytest.approx(by_wording, rel=1e-5)
+    variants = encode_variants(cm.encoder.encode, train.prompts)
+    by_wording = calibrate(features, config.unknown_shrinkage, config.false_rejection, 0, train.wordings, variants)
+    by_rows = calibrate(features, config.unknown_shrinkage, config.false_rejection, 0, None, variants)
+    assert by_wording.factor != by_rows.factor
+    stored = TaskMemory.load(path).calibration
+    assert stored.factor == pytest.approx(by_wording.factor, rel=1e-5) and stored.count == by_wording.count
+    assert torch.allclose(stored.moments, by_wording.moments, rtol=1e-4, atol=1e-4)
+    assert by_wording.count > len(features)  # the variants of held-out rows were held out with them
 
 
 @pytest.mark.parametrize("rows", [2, 3, 5, 10])
@@ -183,10 +192,74 @@ def test_a_task_of_a_few_rows_swallows_no_unknown_requests(rows):
     tiny[-1] = tiny[0]  # a duplicate row, as users' handful of examples have
     probes = torch.randn(50, dim, generator=g) - 6 * axis[0]  # requests of neither task
     stats = {"big": TaskStats.of(big), "tiny": TaskStats.of(tiny)}
-    ratios = {t: threshold_ratio(x, config.unknown_shrinkage, config.false_rejection) for t, x in
-              (("big", big), ("tiny", tiny))}
-    assert ratios["tiny"] < 100  # three rows gave 1e11, ten rows 30-145 before
-    switch = GaussianSwitch.fit(stats, ratios, config.shrinkage, config.unknown_shrinkage)
-    without = GaussianSwitch.fit({"big": stats["big"]}, ratios, config.shrinkage, config.unknown_shrinkage)
+    calibrations = {t: calibrate(x, config.unknown_shrinkage, config.false_rejection) for t, x in
+                    (("big", big), ("tiny", tiny))}
+    assert calibrations["tiny"].factor == FEW_ROWS_FACTOR  # its own quantile: 1e11 for three rows, 30-145 for ten
+    switch = GaussianSwitch.fit(stats, calibrations, config.shrinkage, config.unknown_shrinkage)
+    without = GaussianSwitch.fit({"big": stats["big"]}, calibrations, config.shrinkage, config.unknown_shrinkage)
     assert (switch.unknown_score(probes) > 1).all() and (without.unknown_score(probes) > 1).all()
     assert (switch.unknown_score(big) <= 1).float().mean() >= 0.9  # the big task's region is not narrowed away
+
+
+def test_variants_drop_cut_and_move_the_instruction_whatever_the_rows_shape():
+    multi_line = "Given the text:\n\n===\n\nThe cat sat.\nIt slept."
+    assert segments(multi_line) == ["Given the text:", "The cat sat.", "It slept."]
+    assert segments("Spell out this number in words: 41") == ["Spell out this number in words:", "41"]
+    assert variants("Spell out this number in words: 41") == [
+        "41", "Spell out this number in words:", "41\n\nSpell out this number in words:"]
+    assert variants("hello there") == [] and variants("") == []
+    prompts = [f"Reverse these words: a{i} b{i}" for i in range(300)]
+    texts, owner = prompt_variants(prompts, seed=1, limit=256)
+    assert len(set(owner)) == 256 and len(texts) == 3 * 256  # a bounded, seeded sample of the rows
+    assert all(texts[k] in variants(prompts[i]) for k, i in enumerate(owner))
+    assert prompt_variants(prompts, seed=1) == prompt_variants(prompts, seed=1)
+
+
+def inline_task(template: str, inputs: list[str]) -> list[str]:
+    return [template.format(x) for x in inputs]
+
+
+def test_new_wordings_of_tasks_whose_rows_carry_their_input_stay_off_the_base_model():
+    """Rows with the input inside the instruction repeat no wording, so held-out rows only ever show the
+    training wordings; their variants stand for new ones (issue 18: 52% of new wordings went to base)."""
+    from switchcit.encoders import SentenceEncoder
+
+    encoder = SentenceEncoder()
+    numbers = [str(n) for n in range(11, 131)]
+    words = ["river stone", "paper lamp", "green tea", "old clock", "blue door", "cold wind"] * 20
+    cities = ["Paris", "Lima", "Oslo", "Cairo", "Perth", "Quito", "Delhi", "Hanoi"] * 15
+    tasks = {
+        "spell": ["Spell out this number in words: {}", "Write {} in words.", "How is the number {} written out?"],
+        "reverse": ["Reverse the order of these words: {}", "Put these words backwards: {}", "{}\nReverse them."],
+        "country": ["Which country is {} in?", "Name the country of the city {}.", "City: {}\nCountry?"],
+    }
+    inputs = {"spell": numbers, "reverse": words, "country": cities}
+    new = {"spell": "Please write the number {} using words, not digits.",
+           "reverse": "Can you flip the word order of: {}", "country": "{} is a city. In what country?"}
+    config = SwitchConfig()
+    routed = {}
+    for with_variants in (True, False):
+        memories = {}
+        for task, wordings in tasks.items():
+            prompts = [wordings[i % 3].format(x) for i, x in enumerate(inputs[task])]
+            found = encode_variants(encoder.encode, prompts) if with_variants else None
+            memories[task] = remember(encoder.encode(prompts), MemoryConfig(), config, None, found)
+        switch = build_switch(memories, config)
+        probes = {t: encoder.encode([new[t].format(x) for x in inputs[t][:40]]) for t in tasks}
+        known = [k for t, x in probes.items() for k in switch.known(x, switch.predict(x)[0])]
+        routed[with_variants] = 1 - sum(known) / len(known)
+    assert routed[True] <= 0.1 and routed[True] < routed[False]
+
+
+def test_a_memory_written_before_the_calibration_keeps_its_threshold(tmp_path):
+    from safetensors.torch import save_file
+
+    x = clusters()["t0"]
+    stats = TaskStats.of(x)
+    save_file({"features": x[:4].contiguous(), "centroid": x.mean(0), "radius": torch.tensor([0.5]),
+               "count": torch.tensor([stats.count]), "mean": stats.mean.float(), "scatter": stats.scatter.float(),
+               "ratio": torch.tensor([3.0])}, str(tmp_path / "old.safetensors"))
+    old = TaskMemory.load(tmp_path / "old.safetensors")
+    precision = torch.eye(DIM, dtype=torch.float64)
+    in_sample = float((precision * stats.scatter).sum()) / stats.count  # the old rule: ratio * in-sample mean
+    assert old.calibration.threshold(precision) == pytest.approx(3.0 * in_sample, rel=1e-5)

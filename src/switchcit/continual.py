@@ -19,6 +19,7 @@ from .models import DEFAULT_MODEL, absolute_if_local, fingerprint, resolve_devic
 from .store import Manifest, Store, TaskEntry
 from .switch import Switch, SwitchConfig
 from .transaction import commit, write_task
+from .variants import encode_variants
 
 
 class ContinualModel:
@@ -109,7 +110,10 @@ class ContinualModel:
         with failed_writes(f"learn '{task.name}'", f"free space or fix permissions in {root}, then learn again "
                            "(--resume continues from the last checkpoint); the store keeps its last committed state"), \
                 self.store.owning(task.name) if rank == 0 else nullcontext(self.store.checkpoints(task.name)) as runs:
-            features = self.encoder.encode(task.prompts) if rank == 0 else None
+            features = variants = None
+            if rank == 0:
+                features = self.encoder.encode(task.prompts)
+                variants = encode_variants(self.encoder.encode, task.prompts, self.memory_config.seed)
             torch.manual_seed(config.seed)  # LoRA A matrices are initialised at random: same seed, same adapter
             with self.adapters.training(config.lora()) as peft:
                 run = run_key(task.examples, eval_examples, config, self.adapters.base, self.base_reference)
@@ -125,7 +129,7 @@ class ContinualModel:
                         features.shape[1], self.memory_config.fraction, self.memory_config.min_per_task,
                         self.switch_config.kind)
                     self._check_store(task.name, replace)
-                    entry = write_task(self.store, task, features, stats, config, self.memory_config,
+                    entry = write_task(self.store, task, features, variants, stats, config, self.memory_config,
                                        self.switch_config, run)
                     tasks = [*[t for t in self.tasks if t.name != task.name], entry]
                     self.manifest, self._switch = commit(self.store, self.manifest, tasks, self.switch_config,

@@ -12,10 +12,10 @@ A request is of no known task when it lies outside every task's region: its squa
 distance to each task's mean exceeds that task's threshold. Regions use a covariance shrunk harder
 toward the identity than the classifier's (`unknown_shrinkage`): a new wording of a known task moves
 along directions its task never varied in, which a lightly shrunk metric punishes as much as a new task.
-The threshold is a ratio times the task's mean in-sample distance; the ratio is fitted once, when the
-task is learned, from its own held-out wordings or folds, so it follows the covariance as later tasks
-change it, and depends on no other task: the switch after stage k, fallback included, is exactly the
-switch fitted on all k tasks at once.
+Each threshold is calibrated on the task's held-out rows and their variants (variants.py) and kept as
+moments that any later metric can measure exactly (`Calibration`), so it follows the covariance as
+later tasks change it and depends on no other task: the switch after stage k, fallback included, is
+exactly the switch fitted on all k tasks at once.
 """
 
 from __future__ import annotations
@@ -67,11 +67,6 @@ def squared_distances(features: torch.Tensor, means: torch.Tensor, precision: to
             + ((means @ precision) * means).sum(dim=1)[None]).clamp_min(0)
 
 
-def mean_in_sample_distance(stats: TaskStats, precision: torch.Tensor) -> float:
-    """The mean squared distance of a task's own training features to its mean: tr(P S) / n, exactly."""
-    return float((precision * stats.scatter).sum() / max(stats.count, 1))
-
-
 def wording_folds(wordings: list[str | None] | None) -> list[list[int]] | None:
     """Row indices per distinct wording, where the rows say how they were worded and repeat their wordings
     (at least two wordings, each used twice on average); else None."""
@@ -84,44 +79,67 @@ def wording_folds(wordings: list[str | None] | None) -> list[list[int]] | None:
 
 
 CALIBRATION_ROWS = 16  # fewest rows whose folds each leave a covariance with some spread
-FEW_ROWS_RATIO = 12.0  # the ratio of a task with fewer rows
+FEW_ROWS_FACTOR = 2.0  # the quantile factor of a task with fewer rows (CIT's tasks: 1.7-2.4)
 
 
-def threshold_ratio(features: torch.Tensor, shrinkage: float, false_rejection: float, seed: int = 0,
-                    wordings: list[str | None] | None = None, folds: int = 5) -> float:
-    """How far a new prompt of this task may lie from its mean, as a multiple of the mean in-sample distance.
+@dataclass(frozen=True)
+class Calibration:
+    """How far a task's new prompts lie from its mean, kept so that any later metric can measure it exactly.
 
-    A task of fewer than `CALIBRATION_ROWS` rows cannot be refitted without a fold: a covariance of one or two
-    rows has no spread, so held-out distances over it grow without bound (a ratio of 1e11 for two rows made
-    such a task's region swallow every request). It gets `FEW_ROWS_RATIO` instead, about what tasks of many
-    rows get, so a task learned from a handful of examples is held no wider than any other.
+    `moments` is the sum of (x - m)(x - m)^T over held-out features x (rows and their variants, see
+    variants.py), each about the mean m of the rows it was held out from, and `count` their number: in any
+    metric P their mean squared distance is tr(P moments) / count. `factor` is the (1 - false_rejection)
+    quantile of those distances over their mean, which depends little on the metric. A task's threshold
+    is factor * tr(P moments) / count in the switch's final metric P, so it follows the covariance as later
+    tasks change it, and the switch after stage k is exactly the one fitted on all k tasks at once.
+    """
 
-    Each wording of the task (or, where the rows do not say, each of `folds` random folds) is held out in
-    turn and measured against the task refitted without it; the ratio
-    is the (1 - false_rejection) quantile of those held-out distances over the full fit's mean in-sample
-    distance. Held-out wordings stand for the new wordings users will send; random folds see none, but on
-    CIT's many-worded tasks (simp, hgen) both give the same ratio within 1%.
+    factor: float
+    moments: torch.Tensor  # [dim, dim], float64
+    count: int
+
+    def threshold(self, precision: torch.Tensor) -> float:
+        # a floor, so that a task of identical prompts (no spread) still holds its own prompt, not 0/0
+        return max(self.factor * float((precision * self.moments).sum()) / max(self.count, 1), 1e-6)
+
+
+def calibrate(features: torch.Tensor, shrinkage: float, false_rejection: float, seed: int = 0,
+              wordings: list[str | None] | None = None, variants: tuple[torch.Tensor, torch.Tensor] | None = None,
+              folds: int = 5) -> Calibration:
+    """Hold out each wording of the task (or, where the rows do not say, each of `folds` random folds) with
+    the variants of its rows, and measure them against the task refitted without them.
+
+    Held-out rows alone stand for prompts worded like the training rows; with a single wording, or the
+    input inside the instruction, no fold holds out a new wording, so the region was fitted as tight as the
+    training wordings and sent half of the new wordings of such tasks to the base model (issue 18). The
+    variants (instruction dropped, cut or moved) are the new wordings we can make for any data shape.
+    A task of fewer than `CALIBRATION_ROWS` rows cannot give a stable quantile (a covariance of one or two
+    rows has no spread): it gets `FEW_ROWS_FACTOR`, and still its own moments.
     """
     import torch
 
-    if len(features) < CALIBRATION_ROWS:
-        return FEW_ROWS_RATIO
+    n = len(features)
     by_wording = wording_folds(wordings)
     if by_wording is not None:
         splits = [torch.tensor(g) for g in by_wording]
     else:
-        order = torch.randperm(len(features), generator=torch.Generator().manual_seed(seed))
-        splits = list(order.tensor_split(min(folds, len(features))))
-    held_out = []
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        splits = list(order.tensor_split(min(folds, n)))
+    view_features, owner = variants if variants is not None else (features[:0], torch.zeros(0, dtype=torch.long))
+    held_out, moments, count = [], 0, 0
     for fold in splits:
-        keep = torch.ones(len(features), dtype=torch.bool)
+        keep = torch.ones(n, dtype=torch.bool)
         keep[fold] = False
         rest = TaskStats.of(features[keep] if keep.any() else features)
-        precision = pooled_precision([rest], shrinkage)
-        held_out.append(squared_distances(features[fold], rest.mean[None], precision)[:, 0])
-    full = TaskStats.of(features)
-    in_sample = mean_in_sample_distance(full, pooled_precision([full], shrinkage))
-    return torch.quantile(torch.cat(held_out), 1.0 - false_rejection).item() / max(in_sample, 1e-12)
+        test = torch.cat([features[fold], view_features[torch.isin(owner, fold)]]).double()
+        centred = test - rest.mean
+        moments = moments + centred.T @ centred
+        count += len(test)
+        held_out.append(squared_distances(test, rest.mean[None], pooled_precision([rest], shrinkage))[:, 0])
+    distances = torch.cat(held_out)
+    factor = FEW_ROWS_FACTOR if n < CALIBRATION_ROWS else (
+        torch.quantile(distances, 1.0 - false_rejection) / distances.mean().clamp_min(1e-12)).item()
+    return Calibration(factor, moments, count)
 
 
 class GaussianSwitch:
@@ -138,16 +156,14 @@ class GaussianSwitch:
         self.thresholds = thresholds.double()
 
     @classmethod
-    def fit(cls, stats: dict[str, TaskStats], ratios: dict[str, float], shrinkage: float,
+    def fit(cls, stats: dict[str, TaskStats], calibrations: dict[str, Calibration], shrinkage: float,
             unknown_shrinkage: float) -> GaussianSwitch:
         import torch
 
         labels = list(stats)
         precision = pooled_precision([stats[t] for t in labels], shrinkage)
         region = pooled_precision([stats[t] for t in labels], unknown_shrinkage)
-        # a floor, so that a task of identical prompts (no spread) still holds its own prompt, not 0/0
-        thresholds = torch.tensor([max(ratios[t] * mean_in_sample_distance(stats[t], region), 1e-6) for t in labels],
-                                  dtype=torch.float64)
+        thresholds = torch.tensor([calibrations[t].threshold(region) for t in labels], dtype=torch.float64)
         return cls(labels, torch.stack([stats[t].mean for t in labels]), precision, region, thresholds)
 
     def predict(self, features: torch.Tensor) -> tuple[list[str], list[float]]:

@@ -4,8 +4,10 @@ Per task, one safetensors file holds feature vectors and statistics, never raw t
 - `features`: a seeded sample of the task's features (the paper's retained memory; the MLP switch
   trains on it, and the benchmark's memory study reads it);
 - `centroid`, `radius`: the task's cosine region, the MLP switch's unknown-request fallback;
-- `count`, `mean`, `scatter`, `ratio`: the Gaussian switch's sufficient statistics and threshold ratio
-  (absent in stores written before the Gaussian switch existed; those keep routing with the MLP).
+- `count`, `mean`, `scatter`: the Gaussian switch's sufficient statistics, and `heldout_factor`,
+  `heldout_moments`, `heldout_count`: its fallback's calibration (gaussian.Calibration). Stores written
+  before the Gaussian switch have none of them and keep routing with the MLP; stores written before the
+  calibration keep a `ratio` over the in-sample spread, read as the calibration it amounts to.
 
 `remember` and `build_switch` are the one path from features to a switch: `ContinualModel` calls them
 when it learns or forgets, and the routing benchmark calls them stage by stage, so the benchmark
@@ -20,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import SwitchcitError
-from .gaussian import GaussianSwitch, TaskStats, threshold_ratio
+from .gaussian import Calibration, GaussianSwitch, TaskStats, calibrate
 from .settings import check_ranges, knob
 from .switch import Switch, SwitchConfig, cosine_distance, train_switch
 
@@ -49,16 +51,18 @@ class TaskMemory:
     centroid: torch.Tensor
     radius: float
     stats: TaskStats | None = None
-    ratio: float | None = None
+    calibration: Calibration | None = None
 
     def save(self, path: Path) -> None:
         import torch
         from safetensors.torch import save_file
 
         tensors = {"features": self.features, "centroid": self.centroid, "radius": torch.tensor([self.radius])}
-        if self.stats is not None:
+        if self.stats is not None and self.calibration is not None:
             tensors.update(count=torch.tensor([self.stats.count]), mean=self.stats.mean.float(),
-                           scatter=self.stats.scatter.float(), ratio=torch.tensor([self.ratio]))
+                           scatter=self.stats.scatter.float(), heldout_factor=torch.tensor([self.calibration.factor]),
+                           heldout_moments=self.calibration.moments.float(),
+                           heldout_count=torch.tensor([self.calibration.count]))
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
 
@@ -68,8 +72,13 @@ class TaskMemory:
 
         t = load_file(str(path))
         stats = TaskStats(int(t["count"].item()), t["mean"].double(), t["scatter"].double()) if "count" in t else None
-        return cls(t["features"], t["centroid"], t["radius"].item(), stats,
-                   t["ratio"].item() if "ratio" in t else None)
+        calibration = None
+        if "heldout_moments" in t:
+            calibration = Calibration(t["heldout_factor"].item(), t["heldout_moments"].double(),
+                                      int(t["heldout_count"].item()))
+        elif stats is not None:  # the ratio over the in-sample spread stores wrote before the calibration
+            calibration = Calibration(t["ratio"].item(), stats.scatter, stats.count)
+        return cls(t["features"], t["centroid"], t["radius"].item(), stats, calibration)
 
 
 def select_memory(features: torch.Tensor, config: MemoryConfig) -> torch.Tensor:
@@ -80,34 +89,40 @@ def select_memory(features: torch.Tensor, config: MemoryConfig) -> torch.Tensor:
     return features[keep.sort().values].clone()
 
 
-def fit_region(features: torch.Tensor, false_rejection: float = 0.02, seed: int = 0,
-               folds: int = 5) -> tuple[torch.Tensor, float]:
+def fit_region(features: torch.Tensor, false_rejection: float, seed: int = 0,
+               variants: tuple[torch.Tensor, torch.Tensor] | None = None, folds: int = 5) -> tuple[torch.Tensor, float]:
     """A task's cosine region for the MLP switch's fallback: centroid and radius.
 
-    Every feature is held out once (k-fold): its distance is taken to the centroid of the other folds.
-    The radius is the (1 - false_rejection) quantile of those held-out distances.
+    Every feature is held out once (k-fold) with the variants of its prompt (variants.py): their distance
+    is taken to the centroid of the other folds. The radius is the (1 - false_rejection) quantile of those
+    held-out distances.
     """
     import torch
 
+    view_features, owner = variants if variants is not None else (features[:0], torch.zeros(0, dtype=torch.long))
     order = torch.randperm(len(features), generator=torch.Generator().manual_seed(seed))
     held_out = []
     for fold in order.tensor_split(min(folds, len(features))):
         rest = features[order[~torch.isin(order, fold)]] if len(features) > 1 else features
-        held_out.append(cosine_distance(features[fold], rest.float().mean(dim=0, keepdim=True))[:, 0])
+        test = torch.cat([features[fold], view_features[torch.isin(owner, fold)]])
+        held_out.append(cosine_distance(test, rest.float().mean(dim=0, keepdim=True))[:, 0])
     radius = torch.quantile(torch.cat(held_out), 1.0 - false_rejection).item()
     return features.float().mean(dim=0), radius
 
 
 def remember(features: torch.Tensor, memory: MemoryConfig, switch: SwitchConfig,
-             wordings: list[str | None] | None = None) -> TaskMemory:
+             wordings: list[str | None] | None = None,
+             variants: tuple[torch.Tensor, torch.Tensor] | None = None) -> TaskMemory:
     """What the store keeps of a new task: it depends on that task alone. `wordings` (each row's
-    instruction, where known) lets the fallback calibrate on held-out wordings."""
-    centroid, radius = fit_region(features, switch.false_rejection, memory.seed)
+    instruction, where known) and `variants` (variants.encode_variants of its prompts) let the fallback
+    calibrate on held-out wordings and on the variants of held-out rows."""
+    centroid, radius = fit_region(features, switch.false_rejection, memory.seed, variants)
     retained = select_memory(features, memory)
     if switch.kind != "gaussian":
         return TaskMemory(retained, centroid, radius)
-    ratio = threshold_ratio(features, switch.unknown_shrinkage, switch.false_rejection, memory.seed, wordings)
-    return TaskMemory(retained, centroid, radius, TaskStats.of(features), ratio)
+    calibration = calibrate(features, switch.unknown_shrinkage, switch.false_rejection, memory.seed, wordings,
+                            variants)
+    return TaskMemory(retained, centroid, radius, TaskStats.of(features), calibration)
 
 
 def build_switch(memories: dict[str, TaskMemory], config: SwitchConfig,
@@ -120,7 +135,8 @@ def build_switch(memories: dict[str, TaskMemory], config: SwitchConfig,
             raise SwitchcitError(f"tasks {missing} were stored without the statistics the gaussian router needs: "
                                  "use router 'mlp' for this store, or learn its tasks again into a new store")
         return GaussianSwitch.fit({t: m.stats for t, m in memories.items()},
-                                  {t: m.ratio for t, m in memories.items()}, config.shrinkage, config.unknown_shrinkage)
+                                  {t: m.calibration for t, m in memories.items()}, config.shrinkage,
+                                  config.unknown_shrinkage)
     full_features = full_features or {}
     by_task = {t: full_features.get(t, m.features) for t, m in memories.items()}
     return train_switch(by_task, config, {t: (m.centroid, m.radius) for t, m in memories.items()})

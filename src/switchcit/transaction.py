@@ -21,15 +21,15 @@ if TYPE_CHECKING:
     from .switch import Switch, SwitchConfig
 
 
-def write_task(store: Store, task: Task, features: torch.Tensor, stats: dict, expert: ExpertConfig,
-               memory: MemoryConfig, switch: SwitchConfig, run: str) -> TaskEntry:
+def write_task(store: Store, task: Task, features: torch.Tensor, variants: tuple[torch.Tensor, torch.Tensor] | None,
+               stats: dict, expert: ExpertConfig, memory: MemoryConfig, switch: SwitchConfig, run: str) -> TaskEntry:
     """Move the just-trained adapter (`stats["adapter"]`, a plain PEFT folder the trainer saved inside the
     store, in the checkpoints of `run`) into place and save the task's memory; returns its manifest entry."""
     adapter = store.fresh("adapters", task.name)
     store.path(adapter).parent.mkdir(parents=True, exist_ok=True)
     stats["adapter"].rename(store.path(adapter))
     memory_path = store.fresh("memory", task.name, ".safetensors")
-    remember(features, memory, switch, task.wordings).save(store.path(memory_path))
+    remember(features, memory, switch, task.wordings, variants).save(store.path(memory_path))
     return TaskEntry(task.name, adapter, memory_path, len(task.examples), memory.size_for(len(features)),
                      stats["steps"], round(stats["final_loss"], 4), expert.to_dict(), now(),
                      None if stats.get("eval_loss") is None else round(stats["eval_loss"], 4), run)

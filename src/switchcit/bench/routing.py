@@ -39,6 +39,7 @@ from ..errors import SwitchcitError
 from ..memory import MemoryConfig, TaskMemory, build_switch, remember
 from ..routers import fit_router
 from ..switch import ROUTERS, SwitchConfig
+from ..variants import prompt_variants
 from .streams import Stream
 
 if TYPE_CHECKING:
@@ -69,6 +70,7 @@ class Features:
 
     train: dict[str, torch.Tensor]
     wordings: dict[str, list[str | None]]
+    variants: dict[str, tuple[torch.Tensor, torch.Tensor] | None]  # variants.encode_variants of each train set
     seen: dict[str, torch.Tensor]
     unseen: dict[str, torch.Tensor]
     reworded: dict[str, torch.Tensor]
@@ -91,14 +93,21 @@ def general_requests() -> list[str]:
     return [line.replace("\\n", "\n") for line in lines if line.strip() and not line.startswith("#")]
 
 
-def encode_stream(stream: Stream, encode: Callable[[list[str]], torch.Tensor], cache: Path | None) -> Features:
-    """Features of every prompt, cached by the prompts' content so a rerun encodes nothing."""
+def encode_stream(stream: Stream, encode: Callable[[list[str]], torch.Tensor], cache: Path | None,
+                  seed: int = 0) -> Features:
+    """Features of every prompt and of the training prompts' variants (as `learn` makes them), cached by
+    the prompts' content so a rerun encodes nothing."""
     import hashlib
 
     import torch
     from safetensors.torch import load_file, save_file
 
     groups = {f"train/{t.name}": t.train.prompts for t in stream.tasks}
+    owners = {}
+    for t in stream.tasks:
+        texts, owners[t.name] = prompt_variants(t.train.prompts, seed)
+        if texts:
+            groups[f"variants/{t.name}"] = texts
     groups.update({f"seen/{t.name}": [e.prompt for e in t.seen] for t in stream.tasks})
     groups.update({f"unseen/{t.name}": [e.prompt for e in t.unseen] for t in stream.tasks if t.unseen})
     groups.update({f"reworded/{t.name}": [e.prompt for e in t.reworded] for t in stream.tasks if t.reworded})
@@ -114,8 +123,10 @@ def encode_stream(stream: Stream, encode: Callable[[list[str]], torch.Tensor], c
             path.parent.mkdir(parents=True, exist_ok=True)
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
     empty = torch.zeros(0, tensors["others"].shape[1])
+    variants = {t.name: (tensors[f"variants/{t.name}"], torch.tensor(owners[t.name], dtype=torch.long))
+                if f"variants/{t.name}" in tensors else None for t in stream.tasks}
     return Features({t.name: tensors[f"train/{t.name}"] for t in stream.tasks},
-                    {t.name: t.train.wordings for t in stream.tasks},
+                    {t.name: t.train.wordings for t in stream.tasks}, variants,
                     {t.name: tensors[f"seen/{t.name}"] for t in stream.tasks},
                     {t.name: tensors.get(f"unseen/{t.name}", empty) for t in stream.tasks},
                     {t.name: tensors.get(f"reworded/{t.name}", empty) for t in stream.tasks},
@@ -151,7 +162,8 @@ class Fitted:
 def memories_for(kind: str, features: Features, learned: list[str], config: RoutingConfig) -> dict[str, TaskMemory]:
     """What the store keeps of each learned task (each task's memory depends on that task alone)."""
     switch = replace(config.switch, router=kind if kind in ROUTERS else "mlp")
-    return {t: remember(features.train[t], config.memory, switch, features.wordings[t]) for t in learned}
+    return {t: remember(features.train[t], config.memory, switch, features.wordings[t], features.variants[t])
+            for t in learned}
 
 
 def _share(hits: int, total: int) -> float | None:
@@ -178,6 +190,18 @@ def auroc(unknown: torch.Tensor, known: torch.Tensor) -> float | None:
     return round((greater + 0.5 * ties).item(), 4)
 
 
+def kept_variants(features: Features, task: str, held: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The task's variants of the rows not `held` out, their owners renumbered to the kept rows."""
+    import torch
+
+    if features.variants[task] is None:
+        return None
+    view_features, owner = features.variants[task]
+    keep = ~held[owner]
+    renumber = torch.cumsum(~held, 0) - 1
+    return view_features[keep], renumber[owner[keep]]
+
+
 def leave_one_wording_out(kind: str, features: Features, learned: list[str], config: RoutingConfig,
                           memories: dict[str, TaskMemory]) -> tuple[float | None, float | None, torch.Tensor | None]:
     """Each learned task with several training wordings relearned without one, tested on that wording:
@@ -197,7 +221,8 @@ def leave_one_wording_out(kind: str, features: Features, learned: list[str], con
             held = torch.tensor([w == wording for w in wordings])
             rest = features.train[task][~held]
             kept = [w for w in wordings if w != wording]
-            trimmed = {**memories, task: remember(rest, config.memory, switch, kept)}
+            variants = kept_variants(features, task, held)
+            trimmed = {**memories, task: remember(rest, config.memory, switch, kept, variants)}
             full = {newest: rest if newest == task else features.train[newest]}
             fitted = Fitted(kind, trimmed, full, config)
             routes = fitted.route(features.train[task][held])
@@ -269,7 +294,7 @@ def score_routers(stream: Stream, shape: str, encode: Callable[[list[str]], torc
     """Every router at every stage of `stream`, its training rows in `shape`."""
     from tqdm.auto import tqdm
 
-    features = encode_stream(stream, encode, cache)
+    features = encode_stream(stream, encode, cache, config.memory.seed)
     order = [t.name for t in stream.tasks]
     results = {}
     for kind in tqdm(config.routers, desc=f"routing ({shape})", unit="router", disable=not progress):

@@ -1,0 +1,70 @@
+"""Variants of a task's training prompts: the same request with its instruction dropped, cut or moved.
+
+Why: users word a task in ways its rows never show, and most rows come with one wording, or with the
+input inside the instruction so no wording repeats. The switch's fallback has to know how far a new
+wording may lie from a task before it calls a request unknown, and no held-out row can tell it: every
+held-out row is worded like the rows it was held out from. A variant changes exactly what a new wording
+changes, the instruction's text and place, and keeps the input, whatever the row's shape. The fallback
+calibrates each task's region on held-out rows and their variants (gaussian.calibrate); the variants
+are encoded once at `learn` and only their statistics are kept, never their text.
+
+A prompt is cut into segments at line breaks, or, when it is one line, after sentence ends and colons
+("Spell out this number in words: 41" -> the instruction and "41"); a prompt of one segment has no
+variant.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+LINE_BREAK = re.compile(r"\n")
+SENTENCE_END = re.compile(r"(?<=[.?!:;])\s+(?=\S)")
+RULE = re.compile(r"[=\-#*_~ ]+")  # separator lines such as "===" carry no text
+MAX_PROMPTS = 256  # rows whose variants are encoded: enough to calibrate, bounded cost for large tasks
+
+
+def segments(prompt: str) -> list[str]:
+    """The prompt's lines, or its sentences when it has one line; separator lines dropped."""
+    lines = [s.strip() for s in LINE_BREAK.split(prompt)]
+    lines = [s for s in lines if s and not RULE.fullmatch(s)]
+    if len(lines) >= 2:
+        return lines
+    return [s.strip() for s in SENTENCE_END.split(prompt) if s.strip()]
+
+
+def variants(prompt: str) -> list[str]:
+    """Without its first segment, without its last, and with its first segment moved to the end."""
+    parts = segments(prompt)
+    if len(parts) < 2:
+        return []
+    made = ["\n".join(parts[1:]), "\n".join(parts[:-1]), "\n\n".join(parts[1:] + parts[:1])]
+    return [v for v in dict.fromkeys(made) if v != prompt]
+
+
+def prompt_variants(prompts: list[str], seed: int = 0, limit: int = MAX_PROMPTS) -> tuple[list[str], list[int]]:
+    """Variants of up to `limit` prompts (a seeded sample) and, for each, the index of the prompt it came from."""
+    chosen = range(len(prompts))
+    if len(prompts) > limit:
+        chosen = sorted(random.Random(seed).sample(range(len(prompts)), limit))
+    texts, owner = [], []
+    for i in chosen:
+        for v in variants(prompts[i]):
+            texts.append(v)
+            owner.append(i)
+    return texts, owner
+
+
+def encode_variants(encode: Callable[[list[str]], torch.Tensor], prompts: list[str],
+                    seed: int = 0) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(features of the variants, index of each one's prompt), what `gaussian.calibrate` takes; None when
+    no prompt has a variant."""
+    import torch
+
+    texts, owner = prompt_variants(prompts, seed)
+    return (encode(texts), torch.tensor(owner, dtype=torch.long)) if texts else None
