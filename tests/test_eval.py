@@ -166,3 +166,18 @@ def test_eval_agrees_with_the_demo(tmp_path, capsys):
     for name, figures in demo["tasks"].items():
         assert report["tasks"][name]["routing_accuracy"] == pytest.approx(figures["routing"])
         assert report["tasks"][name]["score"] == pytest.approx(figures["final"])
+
+
+def test_a_metric_whose_package_is_missing_is_one_line_naming_the_extra(trained_store, stream, tmp_path):
+    """rouge-score comes with switchcit[bench]; without it, eval says so in one line (it said 'unexpected')."""
+    import subprocess
+    import sys
+
+    data = write_jsonl(tmp_path / "t.jsonl", task_rows(stream[0][1])[:2])
+    code = ("import sys; sys.modules['rouge_score'] = None; from switchcit.cli import main; "
+            f"sys.exit(main(['eval', '--store', {str(trained_store)!r}, '--data', {str(data)!r}, '--metric', 'rouge', "
+            "'-q', '--max-new-tokens', '2']))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and len(lines) == 1, proc.stderr
+    assert "'rouge_score'" in lines[0] and "switchcit[bench]" in lines[0] and "unexpected" not in lines[0]

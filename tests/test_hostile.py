@@ -765,7 +765,7 @@ def test_import_streams_in_bounded_memory_and_refuses_unnamed_files(trained_stor
 
     def bundle(name: str):
         """An exported bundle plus `name`: `big` zero bytes, listed in checksums.json."""
-        members = _with_checksums(files)
+        members = [(member, data) for member, data in _with_checksums(files) if member != name]
         listed = json.dumps({**json.loads(members[0][1]), name: zeros.hexdigest()}).encode()
         path = tmp_path / f"{name.replace('/', '_')}.tar.gz"
         with tarfile.open(path, "w:gz", compresslevel=1) as tar, open("/dev/zero", "rb") as source:
@@ -788,13 +788,14 @@ def test_import_streams_in_bounded_memory_and_refuses_unnamed_files(trained_stor
                                str(tmp_path / "imported"), *extra], capture_output=True, text=True, timeout=600)
         return proc, int(proc.stderr.split()[-1]) * 1024
 
-    inside = bundle(f"{adapter}/extra.bin")  # a file under a folder the manifest names: allowed
-    proc, peak = imported(inside, "--max-bytes", "64MiB")
+    named = bundle(f"{adapter}/adapter_model.safetensors")  # a file the manifest names, 256 MiB of it
+    proc, peak = imported(named, "--max-bytes", "64MiB")
     assert "unpacks to more than 67108864 bytes" in proc.stderr and peak < big / 4, proc.stderr
-    proc, peak = imported(inside)
+    proc, peak = imported(named)
     assert proc.returncode == 0 and peak < big / 4, proc.stderr
-    assert (tmp_path / "imported" / adapter / "extra.bin").stat().st_size == big
+    assert (tmp_path / "imported" / adapter / "adapter_model.safetensors").stat().st_size == big
     shutil.rmtree(tmp_path / "imported")
-    proc, peak = imported(bundle("junk/zeros"))
-    assert "holds 'junk/zeros', which its manifest does not name: refusing it" in proc.stderr and peak < big / 4
+    for unnamed in ("junk/zeros", f"{adapter}/extra.bin"):  # beside the store's folders, or inside one of them
+        proc, peak = imported(bundle(unnamed))
+        assert f"holds '{unnamed}', which its manifest does not name: refusing it" in proc.stderr and peak < big / 4
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith("tar.gz")) == ["exported.tar"]

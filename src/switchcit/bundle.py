@@ -49,11 +49,7 @@ def export_store(root: str | Path, out: str | Path) -> dict:
     staging = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
     with store.lock(shared=True):  # a consistent snapshot: no learn commits while we read
         manifest = store.read()
-        files = [MANIFEST]
-        for relative in manifest.live_paths():
-            path = store.path(relative)
-            files += [str(p.relative_to(store.root)) for p in sorted(path.rglob("*")) if p.is_file()] \
-                if path.is_dir() else [relative]
+        files = [MANIFEST, *manifest.required_files()]  # what a store needs, nothing a folder happens to hold
         with failed_writes(f"export to {out}", "free space or choose another place for the bundle; no bundle was "
                            "written"):
             checksums = {name: _sha256_file(store.path(name)) for name in files}
@@ -101,6 +97,7 @@ class _Unpacking:
         self.heads: dict[str, bytes] = {}  # checksums.json and manifest.json, as read
         self.checksums: dict[str, str] | None = None
         self.manifest: Manifest | None = None
+        self.required: set[str] = set()  # every file the manifest names (Manifest.required_files)
         self.written: set[str] = set()
 
     def refuse(self, why: str) -> SwitchcitError:
@@ -137,7 +134,7 @@ class _Unpacking:
         self.check_heads()
         if m.name not in self.checksums:
             raise self.refuse(f"holds '{m.name}', which its {CHECKSUMS} does not list")
-        if not any(m.name == p or m.name.startswith(f"{p}/") for p in self.manifest.live_paths()):
+        if m.name not in self.required:
             raise self.refuse(f"holds '{m.name}', which its manifest does not name")
         target = self.staging / m.name
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -173,6 +170,7 @@ class _Unpacking:
         except ValueError as exc:
             raise SwitchcitError(f"bundle {self.bundle}: its {MANIFEST} is corrupt ({exc}): refusing it") from None
         self.checksums = checksums
+        self.required = set(self.manifest.required_files())
         (self.staging / MANIFEST).parent.mkdir(parents=True, exist_ok=True)
         (self.staging / MANIFEST).write_bytes(self.heads[MANIFEST])
 

@@ -289,6 +289,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         after = _AFTER_INTERRUPT.get(args.command)
         return _fail("interrupted" + (f"; {after}" if after else ""), 130)
+    except ModuleNotFoundError as exc:  # an optional dependency: the extras name them all
+        if os.environ.get("SWITCHCIT_TRACEBACK"):
+            raise
+        return _fail(f"error: this needs the Python package '{exc.name}', which is not installed: pip install "
+                     "'switchcit[bench]' (metrics, plots) or 'switchcit[data]' (Parquet, datasets), or pip install "
+                     f"{exc.name}")
     except Exception as exc:
         if os.environ.get("SWITCHCIT_TRACEBACK"):
             raise

@@ -79,7 +79,7 @@ def wording_folds(wordings: list[str | None] | None) -> list[list[int]] | None:
 
 
 CALIBRATION_ROWS = 16  # fewest rows whose folds each leave a covariance with some spread
-FEW_ROWS_FACTOR = 2.0  # the quantile factor of a task with fewer rows (CIT's tasks: 1.7-2.4)
+FEW_ROWS_FACTOR = 2.0  # the factor of a task with fewer rows (CIT's and the demo's tasks at the default: 1.2-2.3)
 
 
 @dataclass(frozen=True)

@@ -305,6 +305,16 @@ def render_routing(report: dict) -> str:
                               _cell(p["false_rejection_seen"]), _cell(p["false_rejection_unseen"]),
                               _cell(p["false_rejection_lowo"])]
                              for p in r["tradeoff"]])
+    last_stage = {(shape, name): r["tradeoff_last_stage"] for shape, by in report.get("shapes", {}).items()
+                  for name, r in by["routers"].items() if "tradeoff_last_stage" in r}
+    if last_stage:
+        lines += ["", "## Trade-off after the last stage, per shape: the fallback threshold scaled", ""]
+        lines += _table(["shape", "router", "threshold x", "general requests caught", "false rejection seen",
+                         "false rejection unseen", "false rejection reworded"],
+                        [[shape, f"`{name}`", f"{p['multiplier']:g}", _cell(p["unknown_caught_general"]),
+                          _cell(p["false_rejection_seen"]), _cell(p["false_rejection_unseen"]),
+                          _cell(p["false_rejection_reworded"])]
+                         for (shape, name), points in last_stage.items() for p in points])
     return "\n".join(lines) + "\n\n![routing](routing.png)\n"
 
 

@@ -300,12 +300,17 @@ def score_routers(stream: Stream, shape: str, encode: Callable[[list[str]], torc
     for kind in tqdm(config.routers, desc=f"routing ({shape})", unit="router", disable=not progress):
         rows, raws = [], []
         memories = memories_for(kind, features, order, config)  # each task's memory depends on that task alone
+        last = None
         for k in range(1, len(order) + 1):
             row, raw = score_stage(kind, features, order, k, config, {t: memories[t] for t in order[:k]}, shape)
             rows.append(row)
             if raw and k < len(order):
                 raws.append(raw)
-        results[kind] = {"stages": rows, **({"tradeoff": tradeoff(raws)} if raws else {})}
+            last = raw
+        curves = {"tradeoff": tradeoff(raws)} if raws else {}
+        if last:  # the targets hold after the last stage: rewordings kept against everyday requests caught
+            curves["tradeoff_last_stage"] = tradeoff([last])
+        results[kind] = {"stages": rows, **curves}
     return features, results
 
 

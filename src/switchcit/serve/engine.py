@@ -153,13 +153,17 @@ class Engine:
         self._thread.join()
 
     def submit(self, jobs: list[Job]) -> None:
-        """Queue jobs for the worker, or refuse them all: 503 if the worker has stopped, 429 (with Retry-After)
-        if they would take the prompts waiting for a place in the batch past --max-queue."""
+        """Queue jobs for the worker, or refuse them all: 503 if the worker has stopped, 400 if they could never
+        fit, 429 (with Retry-After) if they would take the prompts waiting for a place in the batch past --max-queue."""
         limit = self.config.max_batch_size + self.config.max_queue
         with self._lock:
             if self.dead is not None:
                 raise ApiError(503, f"this server cannot answer: its worker stopped ({self.dead}); restart it",
                                "server_error", code="worker_stopped")
+            if len(jobs) > limit:  # no retry could ever fit it: the client must split it
+                raise ApiError(400, f"this request has {len(jobs)} prompts and this server holds at most {limit} "
+                                    "at once (--max-batch-size + --max-queue): send them in smaller requests",
+                               param="prompt", code="too_many_prompts")
             if len(self._open) + len(jobs) > limit:
                 raise ApiError(429, f"this server is busy: {len(self._open)} prompts are in flight, at most "
                                     f"{limit} may be (--max-batch-size + --max-queue); retry in {RETRY_AFTER_S} s",
