@@ -119,8 +119,11 @@ def test_routing_benchmark_on_the_demo_stream(tmp_path):
     assert [s["seen"] for s in gaussian] == [s["joint_seen"] for s in gaussian]  # incremental is joint
     assert gaussian[-1]["seen"] >= 90
     assert report["routers"]["gaussian"]["tradeoff"][0]["multiplier"] < 1
+    last = report["shapes"]["one_wording"]["routers"]["gaussian"]["tradeoff_last_stage"]
+    caught = [p["unknown_caught_general"] for p in last]  # a lower threshold catches more, rejects more
+    assert caught == sorted(caught, reverse=True) and caught[0] > caught[-1]
     text = (out / "report.md").read_text()
-    assert "| `gaussian` |" in text and "Trade-off of `gaussian`" in text
+    assert "| `gaussian` |" in text and "Trade-off of `gaussian`" in text and "Trade-off after the last stage" in text
     assert (out / "routing.png").stat().st_size > 0
     cached = list((out / "routing-cache").iterdir())
     routing_bench("--stream", "demo", "--routing-routers", "gaussian", "--train-examples", "40",
