@@ -41,10 +41,13 @@ def test_memory_keeps_features_only(trained_store):
     for entry in manifest["tasks"]:
         tensors = load_file(str(trained_store / entry["memory"]))
         # vectors, the fallback region and the Gaussian switch's statistics: no text
-        assert sorted(tensors) == ["centroid", "count", "features", "mean", "radius", "ratio", "scatter"]
+        assert sorted(tensors) == ["centroid", "count", "features", "heldout_count", "heldout_factor",
+                                   "heldout_moments", "mean", "radius", "scatter"]
         dim = manifest["encoder"]["dim"]
         assert tensors["features"].shape == (entry["memory_size"], dim)
         assert tensors["scatter"].shape == (dim, dim) and tensors["count"].item() == entry["examples"]
+        assert tensors["heldout_moments"].shape == (dim, dim)
+        assert tensors["heldout_count"].item() > entry["examples"]  # held-out rows and their variants
 
 
 def test_mixed_batch_equals_each_task_alone(trained_store, stream):

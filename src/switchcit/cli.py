@@ -292,9 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     except ModuleNotFoundError as exc:  # an optional dependency: the extras name them all
         if os.environ.get("SWITCHCIT_TRACEBACK"):
             raise
-        return _fail(f"error: this needs the Python package '{exc.name}', which is not installed: pip install "
-                     "'switchcit[bench]' (metrics, plots) or 'switchcit[data]' (Parquet, datasets), or pip install "
-                     f"{exc.name}")
+        package = (exc.name or "?").split(".")[0]
+        return _fail(f"error: this needs the Python package '{package}', which is not installed: pip install "
+                     "'switchcit[bench]' (metrics, plots) or 'switchcit[data]' (Parquet, datasets)")
     except Exception as exc:
         if os.environ.get("SWITCHCIT_TRACEBACK"):
             raise
