@@ -289,15 +289,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         after = _AFTER_INTERRUPT.get(args.command)
         return _fail("interrupted" + (f"; {after}" if after else ""), 130)
-    except ModuleNotFoundError as exc:  # an optional dependency: the extras name them all
-        if os.environ.get("SWITCHCIT_TRACEBACK"):
-            raise
-        package = (exc.name or "?").split(".")[0]
-        return _fail(f"error: this needs the Python package '{package}', which is not installed: pip install "
-                     "'switchcit[bench]' (metrics, plots) or 'switchcit[data]' (Parquet, datasets)")
     except Exception as exc:
         if os.environ.get("SWITCHCIT_TRACEBACK"):
             raise
+        if isinstance(exc, ModuleNotFoundError):  # an optional dependency: the extras name them all
+            package = (exc.name or "?").split(".")[0]
+            return _fail(f"error: this needs the Python package '{package}', which is not installed: pip install "
+                         "'switchcit[bench]' (metrics, plots) or 'switchcit[data]' (Parquet, datasets)")
         why = write_failure(exc)
         if why is not None:
             where = f" ({exc.filename})" if isinstance(exc, OSError) and exc.filename else ""

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .variants import rows_and_variants
+
 if TYPE_CHECKING:
     import torch
 
@@ -125,13 +127,12 @@ def calibrate(features: torch.Tensor, shrinkage: float, false_rejection: float, 
     else:
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
         splits = list(order.tensor_split(min(folds, n)))
-    view_features, owner = variants if variants is not None else (features[:0], torch.zeros(0, dtype=torch.long))
     held_out, moments, count = [], 0, 0
     for fold in splits:
         keep = torch.ones(n, dtype=torch.bool)
         keep[fold] = False
         rest = TaskStats.of(features[keep] if keep.any() else features)
-        test = torch.cat([features[fold], view_features[torch.isin(owner, fold)]]).double()
+        test = rows_and_variants(features, fold, variants).double()
         centred = test - rest.mean
         moments = moments + centred.T @ centred
         count += len(test)

@@ -25,6 +25,7 @@ from .errors import SwitchcitError
 from .gaussian import Calibration, GaussianSwitch, TaskStats, calibrate
 from .settings import check_ranges, knob
 from .switch import Switch, SwitchConfig, cosine_distance, train_switch
+from .variants import rows_and_variants
 
 if TYPE_CHECKING:
     import torch
@@ -99,12 +100,11 @@ def fit_region(features: torch.Tensor, false_rejection: float, seed: int = 0,
     """
     import torch
 
-    view_features, owner = variants if variants is not None else (features[:0], torch.zeros(0, dtype=torch.long))
     order = torch.randperm(len(features), generator=torch.Generator().manual_seed(seed))
     held_out = []
     for fold in order.tensor_split(min(folds, len(features))):
         rest = features[order[~torch.isin(order, fold)]] if len(features) > 1 else features
-        test = torch.cat([features[fold], view_features[torch.isin(owner, fold)]])
+        test = rows_and_variants(features, fold, variants)
         held_out.append(cosine_distance(test, rest.float().mean(dim=0, keepdim=True))[:, 0])
     radius = torch.quantile(torch.cat(held_out), 1.0 - false_rejection).item()
     return features.float().mean(dim=0), radius

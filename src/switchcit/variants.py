@@ -68,3 +68,14 @@ def encode_variants(encode: Callable[[list[str]], torch.Tensor], prompts: list[s
 
     texts, owner = prompt_variants(prompts, seed)
     return (encode(texts), torch.tensor(owner, dtype=torch.long)) if texts else None
+
+
+def rows_and_variants(features: torch.Tensor, fold: torch.Tensor,
+             variants: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """The features of the rows in `fold` and of those rows' variants: what a calibration holds out together."""
+    import torch
+
+    if variants is None:
+        return features[fold]
+    view_features, owner = variants
+    return torch.cat([features[fold], view_features[torch.isin(owner, fold)]])
