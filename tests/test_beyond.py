@@ -41,6 +41,7 @@ def test_forget_removes_every_trace(store_copy, stream):
     assert gone.name not in switch_meta["labels"]
     cm = ContinualModel(store_copy, progress=False)
     assert all(r.task != gone.name for r in cm.route(stream[1][1].prompts))
+    assert cm.switch.background is not None  # the background class is no task's: it stays
     with pytest.raises(SwitchcitError, match="not in store"):
         cm.forget(gone.name)
 

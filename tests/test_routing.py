@@ -142,7 +142,8 @@ def test_benchmark_default_row_is_the_library_path(trained_store, stream):
     features = encode_stream(bench_stream, cm.encoder.encode, None)
     config = RoutingConfig(routers=["gaussian"])
     switch = build_switch(memories_for("gaussian", features, [t.name for t in bench_stream.tasks], config),
-                          config.switch)
+                          config.switch, None, features.background)
+    assert switch.background is not None and torch.equal(switch.background, cm.switch.background)
     prompts = [p for _, test in stream for p in test.prompts] + ["What is the capital of France?"]
     labels, _ = switch.predict(cm.encoder.encode(prompts))
     known = switch.known(cm.encoder.encode(prompts), labels)
@@ -222,12 +223,9 @@ def inline_task(template: str, inputs: list[str]) -> list[str]:
     return [template.format(x) for x in inputs]
 
 
-def test_new_wordings_of_tasks_whose_rows_carry_their_input_stay_off_the_base_model():
-    """Rows with the input inside the instruction repeat no wording, so held-out rows only ever show the
-    training wordings; their variants stand for new ones (issue 18: 52% of new wordings went to base)."""
-    from switchcit.encoders import SentenceEncoder
-
-    encoder = SentenceEncoder()
+def inline_tasks(encoder, with_variants: bool = True) -> tuple[dict, dict]:
+    """Three tasks whose rows carry their input inside the instruction, three wordings each: the memories,
+    and 40 prompts per task in a wording no row uses."""
     numbers = [str(n) for n in range(11, 131)]
     words = ["river stone", "paper lamp", "green tea", "old clock", "blue door", "cold wind"] * 20
     cities = ["Paris", "Lima", "Oslo", "Cairo", "Perth", "Quito", "Delhi", "Hanoi"] * 15
@@ -239,19 +237,71 @@ def test_new_wordings_of_tasks_whose_rows_carry_their_input_stay_off_the_base_mo
     inputs = {"spell": numbers, "reverse": words, "country": cities}
     new = {"spell": "Please write the number {} using words, not digits.",
            "reverse": "Can you flip the word order of: {}", "country": "{} is a city. In what country?"}
-    config = SwitchConfig()
+    memories = {}
+    for task, wordings in tasks.items():
+        prompts = [wordings[i % 3].format(x) for i, x in enumerate(inputs[task])]
+        found = encode_variants(encoder.encode, prompts) if with_variants else None
+        memories[task] = remember(encoder.encode(prompts), MemoryConfig(), SwitchConfig(), None, found)
+    return memories, {t: encoder.encode([new[t].format(x) for x in inputs[t][:40]]) for t in tasks}
+
+
+def sent_to_base(switch, probes: dict) -> float:
+    known = [k for x in probes.values() for k in switch.known(x, switch.predict(x)[0])]
+    return 1 - sum(known) / len(known)
+
+
+def test_new_wordings_of_tasks_whose_rows_carry_their_input_stay_off_the_base_model():
+    """Rows with the input inside the instruction repeat no wording, so held-out rows only ever show the
+    training wordings; their variants stand for new ones (issue 18: 52% of new wordings went to base)."""
+    from switchcit.encoders import SentenceEncoder
+
+    encoder = SentenceEncoder()
     routed = {}
     for with_variants in (True, False):
-        memories = {}
-        for task, wordings in tasks.items():
-            prompts = [wordings[i % 3].format(x) for i, x in enumerate(inputs[task])]
-            found = encode_variants(encoder.encode, prompts) if with_variants else None
-            memories[task] = remember(encoder.encode(prompts), MemoryConfig(), config, None, found)
-        switch = build_switch(memories, config)
-        probes = {t: encoder.encode([new[t].format(x) for x in inputs[t][:40]]) for t in tasks}
-        known = [k for t, x in probes.items() for k in switch.known(x, switch.predict(x)[0])]
-        routed[with_variants] = 1 - sum(known) / len(known)
+        memories, probes = inline_tasks(encoder, with_variants)
+        routed[with_variants] = sent_to_base(build_switch(memories, SwitchConfig()), probes)
     assert routed[True] <= 0.1 and routed[True] < routed[False]
+
+
+def test_the_background_class_catches_requests_a_broad_task_region_swallows(tmp_path):
+    """Issue 18: one task of broad content (BIG-bench's long Wikipedia contexts) had a region that held every
+    everyday request. A request nearer the background mean than its nearest task by the margin goes to base;
+    the task's own new prompts stay."""
+    g = torch.Generator().manual_seed(0)
+    dim, axis, config = 32, torch.eye(32), SwitchConfig()
+    spread = torch.ones(dim)
+    spread[2:11] = 6.0  # broad along its content directions
+    broad = torch.randn(300, dim, generator=g) * spread + 6 * axis[0]
+    narrow = torch.randn(300, dim, generator=g) - 6 * axis[0]
+    background = 6 * axis[0] + 10 * axis[1]  # everyday requests: off the broad task along a direction it never varies
+    everyday = background + torch.randn(50, dim, generator=g)
+    memories = {"broad": remember(broad, MemoryConfig(), config), "narrow": remember(narrow, MemoryConfig(), config)}
+    without = build_switch(memories, config)
+    switch = build_switch(memories, config, None, background)
+    assert (without.unknown_score(everyday) <= 1).float().mean() >= 0.9  # the broad region swallows them
+    assert (switch.unknown_score(everyday) > 1).all()
+    new = torch.randn(100, dim, generator=g) * spread + 6 * axis[0]
+    assert (switch.unknown_score(new) <= 1).float().mean() >= 0.9
+    assert torch.equal(switch.unknown_score(new) <= 1, without.unknown_score(new) <= 1)
+    switch.save(tmp_path / "s")
+    from switchcit.memory import load_switch
+
+    again = load_switch(tmp_path / "s")
+    assert torch.equal(again.background, switch.background) and again.background_margin == config.background_margin
+    assert torch.equal(again.unknown_score(everyday), switch.unknown_score(everyday))
+
+
+def test_the_shipped_background_keeps_new_wordings_on_their_tasks():
+    """The background mean that ships for the default encoder is the one encoding gives today, and with it the
+    new wordings of tasks whose rows carry their input still reach their tasks."""
+    from switchcit.background import background_mean, encoded_mean
+    from switchcit.encoders import DEFAULT_ENCODER, SentenceEncoder
+
+    encoder = SentenceEncoder()
+    shipped = background_mean(DEFAULT_ENCODER, encoder.encode)
+    assert torch.allclose(shipped, encoded_mean(encoder.encode), atol=1e-5)
+    memories, probes = inline_tasks(encoder)
+    assert sent_to_base(build_switch(memories, SwitchConfig(), None, shipped), probes) <= 0.1
 
 
 def test_a_memory_written_before_the_calibration_keeps_its_threshold(tmp_path):

@@ -6,8 +6,10 @@ from __future__ import annotations
 from contextlib import nullcontext
 from dataclasses import replace as with_fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .adapters import BASE, TRAINING, AdapterPool
+from .background import background_mean
 from .data import Example, Task
 from .encoders import DEFAULT_ENCODER, Encoder, load_encoder
 from .errors import SwitchcitError, failed_writes
@@ -20,6 +22,9 @@ from .store import Manifest, Store, TaskEntry
 from .switch import Switch, SwitchConfig
 from .transaction import commit, write_task
 from .variants import encode_variants
+
+if TYPE_CHECKING:
+    import torch
 
 
 class ContinualModel:
@@ -110,10 +115,11 @@ class ContinualModel:
         with failed_writes(f"learn '{task.name}'", f"free space or fix permissions in {root}, then learn again "
                            "(--resume continues from the last checkpoint); the store keeps its last committed state"), \
                 self.store.owning(task.name) if rank == 0 else nullcontext(self.store.checkpoints(task.name)) as runs:
-            features = variants = None
+            features = variants = background = None
             if rank == 0:
                 features = self.encoder.encode(task.prompts)
                 variants = encode_variants(self.encoder.encode, task.prompts, self.memory_config.seed)
+                background = self._background(self.switch_config.kind == GaussianSwitch.kind)
             torch.manual_seed(config.seed)  # LoRA A matrices are initialised at random: same seed, same adapter
             with self.adapters.training(config.lora()) as peft:
                 run = run_key(task.examples, eval_examples, config, self.adapters.base, self.base_reference)
@@ -133,7 +139,7 @@ class ContinualModel:
                                        self.switch_config, run)
                     tasks = [*[t for t in self.tasks if t.name != task.name], entry]
                     self.manifest, self._switch = commit(self.store, self.manifest, tasks, self.switch_config,
-                                                         {task.name: features})
+                                                         {task.name: features}, background)
                     self.store.drop_checkpoints(task.name)
         self.refresh()
         return entry
@@ -153,8 +159,15 @@ class ContinualModel:
                 if name in self.task_names:
                     self.manifest, self._switch = commit(self.store, self.manifest,
                                                          [t for t in self.tasks if t.name != name],
-                                                         self.switch_config, {}, keep_previous=False)
+                                                         self.switch_config, {}, self._background(False),
+                                                         keep_previous=False)
         self.refresh()
+
+    def _background(self, make: bool) -> torch.Tensor | None:
+        """The background class's mean (background.py): the current switch's, else, where `make`, encoded now
+        (a store's first task, or a store made before the background class)."""
+        kept = getattr(self.switch, "background", None)
+        return kept if kept is not None or not make else background_mean(self.encoder_reference, self.encoder.encode)
 
     def _check_store(self, name: str, replace: bool) -> None:
         """Before training and again at the commit (another process may have made or changed the store): the same

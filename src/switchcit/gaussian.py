@@ -144,28 +144,38 @@ def calibrate(features: torch.Tensor, shrinkage: float, false_rejection: float, 
 
 
 class GaussianSwitch:
-    """Features -> (task, confidence) by the nearest task mean in the shared-covariance metric."""
+    """Features -> (task, confidence) by the nearest task mean in the shared-covariance metric.
+
+    `background` is the mean of everyday requests of no task (background.py), a class that is never routed
+    to: a request nearer to it than to its nearest task by more than `background_margin` (in squared
+    distance, the log-odds of the two classes times 2) goes to the base model.
+    """
 
     kind = "gaussian"
 
     def __init__(self, labels: list[str], means: torch.Tensor, precision: torch.Tensor,
-                 region_precision: torch.Tensor, thresholds: torch.Tensor):
+                 region_precision: torch.Tensor, thresholds: torch.Tensor, background: torch.Tensor | None = None,
+                 background_margin: float = 0.0):
         self.labels = list(labels)
         self.means = means.double()
         self.precision = precision.double()
         self.region_precision = region_precision.double()
         self.thresholds = thresholds.double()
+        self.background = None if background is None else background.double()
+        self.background_margin = background_margin
 
     @classmethod
     def fit(cls, stats: dict[str, TaskStats], calibrations: dict[str, Calibration], shrinkage: float,
-            unknown_shrinkage: float) -> GaussianSwitch:
+            unknown_shrinkage: float, background: torch.Tensor | None = None,
+            background_margin: float = 0.0) -> GaussianSwitch:
         import torch
 
         labels = list(stats)
         precision = pooled_precision([stats[t] for t in labels], shrinkage)
         region = pooled_precision([stats[t] for t in labels], unknown_shrinkage)
         thresholds = torch.tensor([calibrations[t].threshold(region) for t in labels], dtype=torch.float64)
-        return cls(labels, torch.stack([stats[t].mean for t in labels]), precision, region, thresholds)
+        return cls(labels, torch.stack([stats[t].mean for t in labels]), precision, region, thresholds, background,
+                   background_margin)
 
     def predict(self, features: torch.Tensor) -> tuple[list[str], list[float]]:
         import torch
@@ -175,22 +185,33 @@ class GaussianSwitch:
         return [self.labels[i] for i in index.tolist()], confidence.float().tolist()
 
     def unknown_score(self, features: torch.Tensor) -> torch.Tensor:
-        """The smallest distance-over-threshold across tasks: above 1 is outside every task's region."""
+        """Above 1 when the request lies outside every task's region (the smallest distance-over-threshold),
+        or nearer the background than its nearest task by the margin (that task's distance over the
+        background's plus the margin)."""
         distances = squared_distances(features, self.means, self.region_precision)
-        return (distances / self.thresholds[None]).min(dim=1).values.float()
+        score = (distances / self.thresholds[None]).min(dim=1).values
+        if self.background is not None:
+            nearest = squared_distances(features, self.means, self.precision).min(dim=1).values
+            to_background = squared_distances(features, self.background[None], self.precision)[:, 0]
+            score = score.maximum(nearest / (to_background + self.background_margin).clamp_min(1e-12))
+        return score.float()
 
     def known(self, features: torch.Tensor, labels: list[str]) -> list[bool]:
-        """Whether each feature lies inside some task's region (`labels` are the routes; any region counts)."""
+        """Whether each feature lies inside some task's region and not nearer the background (`labels` are the
+        routes; any region counts)."""
         return (self.unknown_score(features) <= 1.0).tolist()
 
     def save(self, folder: Path) -> None:
         from safetensors.torch import save_file
 
         folder.mkdir(parents=True, exist_ok=True)
-        save_file({"means": self.means.contiguous(), "precision": self.precision.contiguous(),
-                   "region_precision": self.region_precision.contiguous(), "thresholds": self.thresholds.contiguous()},
-                  str(folder / "switch.safetensors"))
-        meta = {"kind": self.kind, "labels": self.labels, "dim": int(self.means.shape[1])}
+        tensors = {"means": self.means, "precision": self.precision, "region_precision": self.region_precision,
+                   "thresholds": self.thresholds}
+        if self.background is not None:
+            tensors["background"] = self.background
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "switch.safetensors"))
+        meta = {"kind": self.kind, "labels": self.labels, "dim": int(self.means.shape[1]),
+                "background_margin": self.background_margin}
         (folder / "switch.json").write_text(json.dumps(meta, indent=2))
 
     @classmethod
@@ -199,4 +220,4 @@ class GaussianSwitch:
 
         tensors = load_file(str(folder / "switch.safetensors"))
         return cls(meta["labels"], tensors["means"], tensors["precision"], tensors["region_precision"],
-                   tensors["thresholds"])
+                   tensors["thresholds"], tensors.get("background"), meta.get("background_margin", 0.0))

@@ -126,9 +126,11 @@ def remember(features: torch.Tensor, memory: MemoryConfig, switch: SwitchConfig,
 
 
 def build_switch(memories: dict[str, TaskMemory], config: SwitchConfig,
-                 full_features: dict[str, torch.Tensor] | None = None) -> Switch | GaussianSwitch:
+                 full_features: dict[str, torch.Tensor] | None = None,
+                 background: torch.Tensor | None = None) -> Switch | GaussianSwitch:
     """The switch over these tasks. The MLP trains on the retained memory (all features where given);
-    the Gaussian switch needs only the statistics, so `full_features` changes nothing for it."""
+    the Gaussian switch needs only the statistics, so `full_features` changes nothing for it, and takes the
+    background class's mean (background.py) where given."""
     if config.kind == "gaussian":
         missing = [t for t, m in memories.items() if m.stats is None]
         if missing:
@@ -136,7 +138,7 @@ def build_switch(memories: dict[str, TaskMemory], config: SwitchConfig,
                                  "use router 'mlp' for this store, or learn its tasks again into a new store")
         return GaussianSwitch.fit({t: m.stats for t, m in memories.items()},
                                   {t: m.calibration for t, m in memories.items()}, config.shrinkage,
-                                  config.unknown_shrinkage)
+                                  config.unknown_shrinkage, background, config.background_margin)
     full_features = full_features or {}
     by_task = {t: full_features.get(t, m.features) for t, m in memories.items()}
     return train_switch(by_task, config, {t: (m.centroid, m.radius) for t, m in memories.items()})

@@ -36,14 +36,15 @@ def write_task(store: Store, task: Task, features: torch.Tensor, variants: tuple
 
 
 def commit(store: Store, manifest: Manifest, tasks: list[TaskEntry], config: SwitchConfig,
-           full_features: dict[str, torch.Tensor], keep_previous: bool = True
+           full_features: dict[str, torch.Tensor], background: torch.Tensor | None, keep_previous: bool = True
            ) -> tuple[Manifest, tuple[str, Switch | GaussianSwitch] | None]:
-    """Build the switch for `tasks` from their memory (all features where given), then commit: the new
-    manifest, and the switch with its store path (None when no task is left). The previous manifest's
-    files stay until the next commit unless `keep_previous` is off (forget: nothing of a task may stay)."""
+    """Build the switch for `tasks` from their memory (all features where given) and the background mean,
+    then commit: the new manifest, and the switch with its store path (None when no task is left). The
+    previous manifest's files stay until the next commit unless `keep_previous` is off (forget: nothing of a
+    task may stay)."""
     built = None
     if tasks:
-        switch = build_switch({t.name: store.memory(t) for t in tasks}, config, full_features)
+        switch = build_switch({t.name: store.memory(t) for t in tasks}, config, full_features, background)
         path = store.fresh("switch", f"v{manifest.generation + 1}")
         switch.save(store.path(path))
         built = path, switch

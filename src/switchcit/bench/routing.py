@@ -34,7 +34,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..background import background_mean
 from ..continual import BASE
+from ..encoders import DEFAULT_ENCODER
 from ..errors import SwitchcitError
 from ..memory import MemoryConfig, TaskMemory, build_switch, remember
 from ..routers import fit_router
@@ -76,6 +78,7 @@ class Features:
     reworded: dict[str, torch.Tensor]
     others: torch.Tensor  # the demo stream's prompts (or, for the demo stream itself, its unknown prompts)
     general: torch.Tensor  # everyday requests of no benchmark task
+    background: torch.Tensor  # the switch's background class: the mean of the shipped requests (background.py)
 
 
 def other_prompts(stream: Stream) -> list[str]:
@@ -94,9 +97,9 @@ def general_requests() -> list[str]:
 
 
 def encode_stream(stream: Stream, encode: Callable[[list[str]], torch.Tensor], cache: Path | None,
-                  seed: int = 0) -> Features:
-    """Features of every prompt and of the training prompts' variants (as `learn` makes them), cached by
-    the prompts' content so a rerun encodes nothing."""
+                  seed: int = 0, encoder: str = DEFAULT_ENCODER) -> Features:
+    """Features of every prompt and of the training prompts' variants (as `learn` makes them), cached per set
+    by its prompts' content so a rerun encodes nothing; the background mean as `learn` takes it."""
     import hashlib
 
     import torch
@@ -113,15 +116,17 @@ def encode_stream(stream: Stream, encode: Callable[[list[str]], torch.Tensor], c
     groups.update({f"reworded/{t.name}": [e.prompt for e in t.reworded] for t in stream.tasks if t.reworded})
     groups["others"] = other_prompts(stream)
     groups["general"] = general_requests()
-    key = hashlib.sha256(json.dumps(groups, sort_keys=True).encode()).hexdigest()[:16]
-    path = cache / f"features-{key}.safetensors" if cache else None
-    if path and path.exists():
-        tensors = load_file(str(path))
-    else:
-        tensors = {name: encode(prompts) for name, prompts in groups.items()}
+    tensors = {}
+    for name, prompts in groups.items():  # one file per set: a new or changed set encodes only itself
+        key = hashlib.sha256(json.dumps([name, prompts]).encode()).hexdigest()[:16]
+        path = cache / f"features-{key}.safetensors" if cache else None
+        if path and path.exists():
+            tensors[name] = load_file(str(path))["features"]
+            continue
+        tensors[name] = encode(prompts)
         if path:
             path.parent.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+            save_file({"features": tensors[name].contiguous()}, str(path))
     empty = torch.zeros(0, tensors["others"].shape[1])
     variants = {t.name: (tensors[f"variants/{t.name}"], torch.tensor(owners[t.name], dtype=torch.long))
                 if f"variants/{t.name}" in tensors else None for t in stream.tasks}
@@ -130,16 +135,16 @@ def encode_stream(stream: Stream, encode: Callable[[list[str]], torch.Tensor], c
                     {t.name: tensors[f"seen/{t.name}"] for t in stream.tasks},
                     {t.name: tensors.get(f"unseen/{t.name}", empty) for t in stream.tasks},
                     {t.name: tensors.get(f"reworded/{t.name}", empty) for t in stream.tasks},
-                    tensors["others"], tensors["general"])
+                    tensors["others"], tensors["general"], background_mean(encoder, encode))
 
 
 class Fitted:
     """One router fitted on some tasks: routes features to a task or base, and scores how unknown they look."""
 
     def __init__(self, kind: str, memories: dict[str, TaskMemory], full: dict[str, torch.Tensor],
-                 config: RoutingConfig):
+                 config: RoutingConfig, background: torch.Tensor):
         if kind in ROUTERS:
-            self.switch = build_switch(memories, replace(config.switch, router=kind), full)
+            self.switch = build_switch(memories, replace(config.switch, router=kind), full, background)
             self.router = None
         else:
             features = {t: full.get(t, m.features) for t, m in memories.items()}
@@ -224,7 +229,7 @@ def leave_one_wording_out(kind: str, features: Features, learned: list[str], con
             variants = kept_variants(features, task, held)
             trimmed = {**memories, task: remember(rest, config.memory, switch, kept, variants)}
             full = {newest: rest if newest == task else features.train[newest]}
-            fitted = Fitted(kind, trimmed, full, config)
+            fitted = Fitted(kind, trimmed, full, config, features.background)
             routes = fitted.route(features.train[task][held])
             right += sum(r == task for r in routes)
             rejected += sum(r == BASE for r in routes)
@@ -241,7 +246,7 @@ def score_stage(kind: str, features: Features, order: list[str], k: int, config:
     import torch
 
     learned, later = order[:k], order[k:]
-    fitted = Fitted(kind, memories, {learned[-1]: features.train[learned[-1]]}, config)
+    fitted = Fitted(kind, memories, {learned[-1]: features.train[learned[-1]]}, config, features.background)
     seen = {t: features.seen[t] for t in learned}
     unseen = {t: features.unseen[t] for t in learned if len(features.unseen[t])}
     reworded = {t: features.reworded[t] for t in learned if len(features.reworded[t])}
@@ -250,7 +255,7 @@ def score_stage(kind: str, features: Features, order: list[str], k: int, config:
     reworded_right, reworded_rejected = _accuracy(fitted, reworded)
     unknown = torch.cat([features.seen[t] for t in later]) if later else features.others[:0]
     lowo, lowo_rejected, lowo_scores = leave_one_wording_out(kind, features, learned, config, memories)
-    joint = Fitted(kind, memories, {t: features.train[t] for t in learned}, config)
+    joint = Fitted(kind, memories, {t: features.train[t] for t in learned}, config, features.background)
     row = {"shape": shape, "seen": seen_right, "unseen": unseen_right, "reworded": reworded_right,
            "reworded_by_task": {t: _accuracy(fitted, {t: x})[0] for t, x in reworded.items()},
            "leave_one_wording_out": lowo, "false_rejection_lowo": lowo_rejected, "unknown_caught": None,
@@ -294,7 +299,7 @@ def score_routers(stream: Stream, shape: str, encode: Callable[[list[str]], torc
     """Every router at every stage of `stream`, its training rows in `shape`."""
     from tqdm.auto import tqdm
 
-    features = encode_stream(stream, encode, cache, config.memory.seed)
+    features = encode_stream(stream, encode, cache, config.memory.seed, config.encoder)
     order = [t.name for t in stream.tasks]
     results = {}
     for kind in tqdm(config.routers, desc=f"routing ({shape})", unit="router", disable=not progress):
