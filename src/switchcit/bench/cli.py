@@ -11,6 +11,7 @@ from ..encoders import DEFAULT_ENCODER
 from ..errors import SwitchcitError
 from .methods import METHODS
 from .routing import ROUTING_ROUTERS
+from .selection import MARGIN
 from .streams import SHAPES
 from .studies import MEMORY_PERCENTS, StudyConfig
 
@@ -66,8 +67,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "a 'tasks' list (such as the selected.json --select-tasks writes)")
     p.add_argument("--select-tasks", type=int, default=None, metavar="N",
                    help="apply the task-selection rule instead of a run: in stream order, train each task alone "
-                        "(the oracle's adapter) and keep the first N whose score after learning is at least 10 points "
-                        "above zero-shot; writes OUT/selected.json for --tasks")
+                        "(the oracle's adapter) and keep the first N whose score after learning is at least "
+                        f"{MARGIN:g} points above zero-shot; writes OUT/selected.json for --tasks")
     p.add_argument("--arrow", action=argparse.BooleanOptionalAction, default=True,
                    help="after SwitchCIT's run, score PEFT's Arrow routing over its experts (default: on)")
     p.add_argument("--memory-percents", default=",".join(map(str, MEMORY_PERCENTS)),
