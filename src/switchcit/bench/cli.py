@@ -250,7 +250,7 @@ def _select(args, config, stream, out: Path, command: str | None) -> None:
           f"tried; list in {out / 'selected.json'} (give it to --tasks)")
     for c in selected["candidates"]:
         print(f"  {c['name']:<40} zero-shot {c['zeroshot']:5.1f}  learned {c['learned']:5.1f}  "
-              f"{'kept' if c['kept'] else '-':<4}  {c['seconds']:.0f} s")
+              f"one answer {c['one_answer']:5.1f}  {'kept' if c['kept'] else '-':<4}  {c['seconds']:.0f} s")
 
 
 def _run_seeds(args, config, seeds: list[int], load, out: Path, command: str | None) -> None:

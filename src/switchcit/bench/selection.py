@@ -9,21 +9,31 @@ zeroshot) in OUT/<task>, so a killed selection resumes and nothing is generated 
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
 from .files import write_json
 from .protocol import BenchConfig, run_bench
-from .streams import Stream
+from .streams import BenchTask, Stream
 from .studies import StudyConfig
 
 MARGIN = 10.0  # points above zero-shot after learning the task alone
 
 
+def one_answer(task: BenchTask) -> float:
+    """The score of always giving the test rows' most common answer: a task learned only in its answer format (a
+    binary choice answered 'correct' every time) reaches it without learning the task."""
+    counts = Counter(e.references[0] for e in task.seen)
+    return 100.0 * max(counts.values()) / len(task.seen) if task.seen else 0.0
+
+
 def select_tasks(config: BenchConfig, stream: Stream, out: Path, count: int, margin: float = MARGIN,
                  progress: bool = True, command: str | None = None) -> dict:
     """Apply the rule; writes and returns OUT/selected.json: {"rule", "settings", "candidates", "tasks"} where
-    "tasks" (the kept names, in stream order) is what `bench --tasks OUT/selected.json` reads."""
+    "tasks" (the kept names, in stream order) is what `bench --tasks OUT/selected.json` reads. Each candidate also
+    records `one_answer`, which the rule does not use: a kept task whose score after learning is near it has
+    learned its answer format rather than the task."""
     rule = (f"in stream order, each task trained alone ({config.steps} steps, the oracle's adapter); kept when its "
             f"score after learning is at least {margin:g} points above zero-shot; the first {count} kept")
     candidates = []
@@ -38,7 +48,7 @@ def select_tasks(config: BenchConfig, stream: Stream, out: Path, count: int, mar
         learned, zeroshot = methods["oracle"]["ap"], methods["zeroshot"]["ap"]
         kept = learned - zeroshot >= margin
         candidates.append({"name": task.name, "metric": task.metric, "zeroshot": zeroshot, "learned": learned,
-                           "gain": learned - zeroshot, "kept": kept,
+                           "gain": learned - zeroshot, "kept": kept, "one_answer": one_answer(task),
                            "seconds": methods["oracle"]["seconds"] + methods["zeroshot"]["seconds"]})
         if kept:
             selected["tasks"].append(task.name)
