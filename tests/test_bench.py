@@ -15,11 +15,14 @@ from switchcit import SwitchcitError
 from switchcit.bench import add_parser, cmd_bench
 from switchcit.bench.cache import GenerationCache
 from switchcit.bench.hub import dialogue_records
+from switchcit.bench.intervals import bootstrap, t_interval
 from switchcit.bench.methods import METHODS
-from switchcit.bench.streams import cit, cit_prompt, cit_references, headline_constraint, user
+from switchcit.bench.seeds import aggregate
+from switchcit.bench.streams import cit, cit_prompt, cit_references, headline_constraint, load_stream, user
 
 CIT_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cit"
 needs_cit = pytest.mark.skipif(not (CIT_DIR / "templates.json").is_file(), reason=f"no CIT data at {CIT_DIR}")
+BIGBENCH_DIR = CIT_DIR.parent / "bigbench"
 
 
 def parse(*args: str) -> argparse.Namespace:
@@ -90,6 +93,17 @@ def test_cit_record_formatting():
     hgen = cit(CIT_DIR, 5, 8, seed=0).tasks[4]
     for seen, unseen in zip(hgen.seen, hgen.unseen):
         assert seen.constraint == unseen.constraint and f'"{seen.constraint[1]}"' in unseen.prompt
+
+
+@pytest.mark.skipif(not (BIGBENCH_DIR / "tasks.json").is_file(), reason=f"no BIG-bench data at {BIGBENCH_DIR}")
+def test_bigbench_task_selection_and_metrics():
+    stream = load_stream("bigbench", BIGBENCH_DIR, 5, 5, 0, tasks=["word_sorting", "winowhy"])
+    assert [t.name for t in stream.tasks] == ["winowhy", "word_sorting"]  # stream order, whatever the order given
+    assert [t.metric for t in stream.tasks] == ["choice", "exact_match"]  # by the task's kind
+    winowhy = [json.loads(line) for line in (BIGBENCH_DIR / "winowhy" / "test.jsonl").open()]
+    assert {e.references[0] for e in stream.tasks[0].seen} <= {c for r in winowhy for c in r["choices"]}
+    with pytest.raises(SwitchcitError, match="--tasks \\['word_sort'\\]: the bigbench stream has winowhy"):
+        load_stream("bigbench", BIGBENCH_DIR, 5, 5, 0, tasks=["word_sort"])
 
 
 HUB_ROWS = {
@@ -212,7 +226,7 @@ def check_results(results: dict, out: Path, methods: list[str]) -> None:
 
 def test_smoke_bench_on_the_demo_stream_resumes(tmp_path):
     out = tmp_path / "run"
-    results = bench("--preset", "smoke", "--out", out, "--routers", "none", "--memory-percents", "none")
+    results = bench("--preset", "smoke", "--out", out, "--no-arrow", "--memory-percents", "none")
     check_results(results, out, list(METHODS))
     assert "studies" not in results  # both skipped; test_studies.py runs them
     assert results["config"]["stream"] == "demo" and results["versions"]["torch"]
@@ -248,10 +262,14 @@ def test_smoke_bench_on_a_cit_sample(tmp_path):
     assert set(switch["secondary"]["hgen"]) == {"constraint", "bleu"}
     report = (out / "report.md").read_text()
     assert "unseen instruction wordings" in report and "BERTScore F1, encoder all-MiniLM-L6-v2" in report
-    routers = results["studies"]["routers"]["routers"]
-    assert all(0 <= routers[r]["unseen_accuracy"] <= 100 for r in ("mlp", "centroid", "knn"))
-    assert set(routers["arrow"]["final_unseen"]) == {"simp", "inqqg", "hgen"}
+    assert set(results["studies"]["arrow"]["final_unseen"]) == {"simp", "inqqg", "hgen"}
     assert all(r["unseen_accuracy"] is not None for r in results["studies"]["memory"]["rows"])
+    # every CIT task has rewordings: the same test rows, reworded, scored at every stage
+    for r in results["methods"].values():
+        assert [sum(v is not None for v in row) for row in r["matrix_reworded"]] == [1, 2, 3, 4, 5]
+        assert r["ap_reworded"] == pytest.approx(sum(r["matrix_reworded"][-1]) / 5)
+        assert set(r["bootstrap"]) == {"ap", "bwt", "final", "ap_reworded", "bwt_reworded", "final_reworded"}
+    assert len(switch["switch_reworded_accuracy"]) == 5 and "Final score on reworded prompts" in report
 
 
 def test_smoke_bench_on_a_user_stream(tmp_path, stream):
@@ -260,8 +278,89 @@ def test_smoke_bench_on_a_user_stream(tmp_path, stream):
     with pytest.raises(SwitchcitError, match="unknown method"):
         bench("--preset", "smoke", "--stream", folder, "--out", out, "--methods", "seqlora,finetune")
     results = bench("--preset", "smoke", "--stream", folder, "--out", out, "--methods", "switchcit,replay_1,seqft",
-                    "--seqft-lr", "1e-4", "--routers", "none", "--memory-percents", "none")
+                    "--seqft-lr", "1e-4", "--no-arrow", "--memory-percents", "none")
     check_results(results, out, ["switchcit", "replay_1", "seqft"])
     assert results["methods"]["replay_1"]["secondary"][stream[1][0].name]["bleu"] >= 0
     assert results["config"]["seqft_learning_rate"] == 1e-4
     assert "all weights at learning rate 0.0001" in (out / "report.md").read_text()
+
+
+# -- seeds and intervals -------------------------------------------------------------------------------
+
+def test_t_interval_and_paired_bootstrap():
+    low, high = t_interval([50.0, 54.0])
+    assert (low + high) / 2 == pytest.approx(52.0) and high - low == pytest.approx(2 * 12.7062 * 2, rel=1e-4)
+    assert t_interval([50.0]) is None and t_interval([3.0, 3.0, 3.0]) == [3.0, 3.0]
+    learned = {"a": [100.0, 0.0, 100.0, 0.0] * 5, "b": [50.0, 60.0] * 10}
+    final = {"a": [v - 10 for v in learned["a"]], "b": learned["b"]}
+    found = bootstrap(final, learned, last="b")
+    assert found["bwt"] == pytest.approx([-10.0, -10.0])  # the same prompts resampled before and after
+    assert found["final"]["a"][0] < 40.0 < found["final"]["a"][1]
+    assert found["final"]["b"][0] < 55.0 < found["final"]["b"][1]
+    assert found["ap"][0] < (40.0 + 55.0) / 2 < found["ap"][1]
+    assert bootstrap(final, learned, last="b") == found  # seeded
+
+
+def test_aggregate_over_seeds():
+    def run(ap, bwt, boot):
+        method = {"ap": ap, "bwt": bwt, "ap_reworded": ap - 5, "bwt_reworded": None, "final": {"x": ap},
+                  "final_reworded": {"x": ap - 5}, "seconds": 10.0, "bootstrap": {"ap": boot, "final": {"x": boot}}}
+        return {"config": {"stream": "s", "seed": 0}, "tasks": ["x"], "metrics": {}, "methods": {"switchcit": method}}
+
+    results = aggregate({0: run(50.0, -1.0, [48.0, 52.0]), 1: run(54.0, 1.0, [51.0, 57.0])})
+    assert results["seeds"] == [0, 1] and "seed" not in results["config"]
+    switch = results["methods"]["switchcit"]
+    assert switch["ap"]["mean"] == 52.0 and switch["ap"]["per_seed"] == [50.0, 54.0]
+    assert switch["ap"]["ci95"] == pytest.approx(t_interval([50.0, 54.0]))
+    assert switch["ap"]["per_seed_ci95"] == [[48.0, 52.0], [51.0, 57.0]]
+    assert switch["ap_reworded"]["mean"] == 47.0 and switch["final_reworded"]["x"]["mean"] == 47.0
+    assert switch["final"]["x"]["per_seed_ci95"] == [[48.0, 52.0], [51.0, 57.0]]
+    assert switch["bwt_reworded"] == {"mean": None, "ci95": None, "per_seed": [None, None],
+                                      "per_seed_ci95": [None, None]}
+
+
+def test_two_seed_smoke_run_aggregates_and_resumes(tmp_path):
+    out = tmp_path / "run"
+    selected = tmp_path / "selected.json"
+    selected.write_text(json.dumps({"tasks": ["reverse", {"name": "last-word"}]}))  # names, or tasks.json's objects
+    args = ("--preset", "smoke", "--out", out, "--methods", "zeroshot,seqlora", "--tasks", selected,
+            "--seeds", "0,1", "--memory-percents", "none", "--no-arrow")
+    results = bench(*args)
+    seeds = {s: json.loads((out / f"seed-{s}" / "results.json").read_text()) for s in (0, 1)}
+    assert results["seeds"] == [0, 1] and results["tasks"] == ["reverse", "last-word"]
+    assert results["runs"] == {"0": "seed-0", "1": "seed-1"} and [seeds[s]["config"]["seed"] for s in (0, 1)] == [0, 1]
+    for name, r in results["methods"].items():
+        assert set(r) == {"ap", "bwt", "ap_reworded", "bwt_reworded", "final", "final_reworded", "seconds"}
+        for key in ("ap", "bwt"):
+            values = [seeds[s]["methods"][name][key] for s in (0, 1)]
+            assert r[key]["per_seed"] == values and r[key]["mean"] == pytest.approx(sum(values) / 2)
+            assert r[key]["ci95"] == pytest.approx(t_interval(values))
+            assert r[key]["per_seed_ci95"] == [seeds[s]["methods"][name]["bootstrap"][key] for s in (0, 1)]
+        assert list(r["final"]) == ["reverse", "last-word"] and r["final_reworded"] == {}  # the demo has none
+    assert "seeds 0, 1" in (out / "report.md").read_text() and (out / "summary.png").stat().st_size > 1000
+    generated = {s: (out / f"seed-{s}" / "generations.jsonl").read_text() for s in (0, 1)}
+    assert bench(*args)["methods"] == results["methods"]  # resumed from the seeds' progress: nothing rerun
+    assert {s: (out / f"seed-{s}" / "generations.jsonl").read_text() for s in (0, 1)} == generated
+    with pytest.raises(SwitchcitError, match="single-seed run"):
+        bench(*args[:3], out / "seed-0", *args[4:])
+    with pytest.raises(SwitchcitError, match="other settings"):  # one seed into the seeds' folder
+        bench(*args[:8], "--memory-percents", "none", "--no-arrow")
+    with pytest.raises(SwitchcitError, match="not a list of distinct seeds"):
+        bench(*args[:8], "--seeds", "0,0")
+
+
+def test_task_selection_rule_tries_tasks_in_stream_order(tmp_path):
+    out = tmp_path / "select"
+    cmd_bench(parse("--preset", "smoke", "--out", out, "--tasks", "initials,reverse", "--select-tasks", "1",
+                    "--eval-examples", "3"))
+    selected = json.loads((out / "selected.json").read_text())
+    tried = [c["name"] for c in selected["candidates"]]
+    assert tried[0] == "reverse" and "10 points above zero-shot" in selected["rule"]
+    for c in selected["candidates"]:  # each task an ordinary one-task run of the oracle and zero-shot
+        methods = json.loads((out / c["name"] / "results.json").read_text())["methods"]
+        assert list(methods) == ["oracle", "zeroshot"] and len(methods["oracle"]["matrix"]) == 1
+        assert (c["learned"], c["zeroshot"]) == (methods["oracle"]["ap"], methods["zeroshot"]["ap"])
+        assert c["kept"] == (c["learned"] - c["zeroshot"] >= 10)
+        assert 0 < c["one_answer"] <= 100
+    assert selected["tasks"] == [c["name"] for c in selected["candidates"] if c["kept"]]
+    assert tried == (["reverse"] if selected["candidates"][0]["kept"] else ["reverse", "initials"])  # stops at 1

@@ -8,7 +8,10 @@ from switchcit.bench.metrics import (
     average_performance,
     backward_transfer,
     bleu,
+    choice_scores,
     constraint_satisfaction,
+    exact_match_scores,
+    normalize_choice,
     rouge1,
     sari,
 )
@@ -50,3 +53,34 @@ def test_rouge_bleu_and_constraints():
     constraints = [("start", "sri"), ("end", "escalates"), ("contain", "schools"), ("start", "war")]
     predictions = ["Sri lanka closes schools", "schools close as war escalates .", "no match here", "the war"]
     assert constraint_satisfaction(predictions, constraints) == 50.0
+
+
+def test_ap_and_bwt_leave_out_tasks_without_a_score():
+    reworded = [[80.0, None, None],  # task 2 has no rewordings
+                [60.0, None, None],
+                [50.0, None, 90.0]]
+    assert average_performance(reworded) == pytest.approx(70.0)
+    assert backward_transfer(reworded) == pytest.approx(-30.0)
+    assert average_performance([[None]]) is None and backward_transfer([[None, None], [None, 5.0]]) is None
+
+
+def test_choice_answers_are_matched_after_normalisation():
+    answers = ["Yes", "the red one", "B"]
+    predictions = ["  yes. ", "The  Red\nOne!", "A"]
+    assert choice_scores(predictions, answers) == [100.0, 100.0, 0.0]
+    assert normalize_choice(" Plausible?! ") == "plausible"
+    assert exact_match_scores(predictions, answers) == [0.0, 0.0, 0.0]  # exact match keeps case and punctuation
+
+
+def test_per_prompt_scores_average_to_the_metric():
+    from switchcit.bench.metrics import METRICS, PER_EXAMPLE
+    from switchcit.bench.streams import EvalExample
+
+    examples = [EvalExample("p1", ("the cat sat", "a cat sat"), "the cat sat down", ("start", "the")),
+                EvalExample("p2", ("dogs bark",), "dogs bark loudly", ("end", "bark"))]
+    predictions = ["the cat sat", "dogs are loud"]
+    for name in ("exact_match", "choice", "sari", "rouge1", "constraint"):
+        scores = PER_EXAMPLE[name](examples, predictions)
+        assert len(scores) == 2 and METRICS[name](examples, predictions) == pytest.approx(sum(scores) / 2)
+    assert PER_EXAMPLE["rouge1"](examples, predictions)[0] == pytest.approx(100.0)
+    assert "bleu" not in PER_EXAMPLE  # a corpus score has no per-prompt parts

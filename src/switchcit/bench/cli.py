@@ -11,8 +11,9 @@ from ..encoders import DEFAULT_ENCODER
 from ..errors import SwitchcitError
 from .methods import METHODS
 from .routing import ROUTING_ROUTERS
+from .selection import MARGIN
 from .streams import SHAPES
-from .studies import MEMORY_PERCENTS, STUDY_ROUTERS, StudyConfig
+from .studies import MEMORY_PERCENTS, StudyConfig
 
 DEFAULT_DATA_DIRS = {name: Path("..") / "shared" / "data" / name for name in ("cit", "bigbench")}
 ROUTING_EVAL_EXAMPLES = 300
@@ -56,10 +57,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help=f"training batch size (default {DEFAULTS['batch_size']})")
     p.add_argument("--max-length", type=int, help=f"training tokens per example (default {DEFAULTS['max_length']})")
     p.add_argument("--max-new-tokens", type=int, help=f"generation length (default {DEFAULTS['max_new_tokens']})")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--routers", default=",".join(STUDY_ROUTERS),
-                   help="router comparison on SwitchCIT's run: comma-separated of "
-                        f"{','.join(STUDY_ROUTERS)}, or 'none' (default: all)")
+    p.add_argument("--seed", type=int, help=f"seed of data order, LoRA initialisation, memory and evaluation samples "
+                   f"(default {DEFAULTS['seed']})")
+    p.add_argument("--seeds", default=None,
+                   help="run once per seed, comma-separated (e.g. 0,1,2), into OUT/seed-N, and aggregate them in OUT: "
+                        "means with 95%% t-intervals over seeds")
+    p.add_argument("--tasks", default=None,
+                   help="only these tasks of the stream, in stream order: comma-separated names, or a JSON file with "
+                        "a 'tasks' list (such as the selected.json --select-tasks writes)")
+    p.add_argument("--select-tasks", type=int, default=None, metavar="N",
+                   help="apply the task-selection rule instead of a run: in stream order, train each task alone "
+                        "(the oracle's adapter) and keep the first N whose score after learning is at least "
+                        f"{MARGIN:g} points above zero-shot; writes OUT/selected.json for --tasks")
+    p.add_argument("--arrow", action=argparse.BooleanOptionalAction, default=True,
+                   help="after SwitchCIT's run, score PEFT's Arrow routing over its experts (default: on)")
     p.add_argument("--memory-percents", default=",".join(map(str, MEMORY_PERCENTS)),
                    help="memory study: retained percentages of each task's features, or 'none' "
                         f"(default: {','.join(map(str, MEMORY_PERCENTS))})")
@@ -96,14 +107,15 @@ def _data_dir(args, stream: str) -> str | None:
     return str(DEFAULT_DATA_DIRS[stream]) if DEFAULT_DATA_DIRS[stream].is_dir() else None
 
 
-def _tiny_model(out: Path, stream) -> str:
-    """The smoke preset's model: a tiny random Llama whose tokenizer knows the stream's text."""
+def _tiny_model(out: Path, streams: list) -> str:
+    """The smoke preset's model: a tiny random Llama whose tokenizer knows the streams' text (one per seed)."""
     from ..testing import build_tiny_model
 
     folder = out / "tiny-model"
     if not (folder / "config.json").exists():
-        corpus = [text for t in stream.tasks for e in t.train.examples for text in (e.prompt, e.output)]
-        corpus += [e.prompt for t in stream.tasks for e in [*t.seen, *t.unseen]]
+        tasks = [t for stream in streams for t in stream.tasks]
+        corpus = [text for t in tasks for e in t.train.examples for text in (e.prompt, e.output)]
+        corpus += [e.prompt for t in tasks for e in [*t.seen, *t.unseen, *t.reworded]]
         build_tiny_model(folder, corpus, seed=0)
     return str(folder.resolve())
 
@@ -112,13 +124,43 @@ def _list(text: str) -> list[str]:
     return [] if text.strip().lower() == "none" else [x.strip() for x in text.split(",") if x.strip()]
 
 
+def _seeds(args, settings: dict) -> list[int]:
+    if args.seeds is None:
+        return [settings["seed"]]
+    if args.seed is not None:
+        raise SwitchcitError("--seed and --seeds both given: give one")
+    try:
+        seeds = [int(x) for x in _list(args.seeds)]
+    except ValueError:
+        seeds = []
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise SwitchcitError(f"--seeds '{args.seeds}' is not a list of distinct seeds: give e.g. 0,1,2")
+    return seeds
+
+
+def _tasks(text: str | None) -> list[str] | None:
+    """--tasks: names, or a JSON file whose 'tasks' lists names (or objects with a 'name')."""
+    import json
+
+    if text is None:
+        return None
+    path = Path(text)
+    if path.suffix == ".json":
+        try:
+            listed = json.loads(path.read_text(encoding="utf-8"))["tasks"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise SwitchcitError(f"--tasks {text}: not a readable JSON file with a 'tasks' list") from None
+        return [t["name"] if isinstance(t, dict) else t for t in listed]
+    return _list(text)
+
+
 def _studies(args) -> StudyConfig:
     try:
         percents = [float(x) for x in _list(args.memory_percents)]
     except ValueError:
         raise SwitchcitError(f"--memory-percents '{args.memory_percents}' is not a list of numbers: give e.g. "
                              "0.01,0.1,1,10 or none") from None
-    config = StudyConfig(routers=_list(args.routers), memory_percents=percents, encoders=_list(args.study_encoders))
+    config = StudyConfig(memory_percents=percents, encoders=_list(args.study_encoders), arrow=args.arrow)
     config.check()
     return config
 
@@ -161,38 +203,84 @@ def cmd_routing(args) -> None:
 
 def cmd_bench(args) -> None:
     from ..models import DEFAULT_MODEL
-    from .protocol import BenchConfig, run_bench
+    from .protocol import BenchConfig
     from .streams import load_stream
 
     if args.routing_only:
         cmd_routing(args)
         return
     s = _settings(args)
+    seeds = _seeds(args, s)
     studies = _studies(args)
     methods = _list(args.methods)
     if not methods:
         raise SwitchcitError("--methods is empty: name at least one of " + ", ".join(METHODS))
     out = Path(args.out)
     data_dir = _data_dir(args, s["stream"])
-    stream = load_stream(s["stream"], data_dir, s["train_examples"], s["eval_examples"], s["seed"])
-    model = args.model or (_tiny_model(out, stream) if args.preset == "smoke" else DEFAULT_MODEL)
-    spec = s["stream"] if s["stream"] in ("demo", "cit") else str(Path(s["stream"]).resolve())
+    tasks = _tasks(args.tasks)
+
+    def load(seed: int):
+        return load_stream(s["stream"], data_dir, s["train_examples"], s["eval_examples"], seed, tasks=tasks)
+
+    stream = load(seeds[0])
+    model = args.model or (_tiny_model(out, [load(x) for x in seeds]) if args.preset == "smoke" else DEFAULT_MODEL)
+    spec = s["stream"] if s["stream"] in ("demo", "cit", "bigbench") else str(Path(s["stream"]).resolve())
     config = BenchConfig(stream=spec, model=model, methods=methods, data_dir=data_dir,
                          train_examples=s["train_examples"], eval_examples=s["eval_examples"], steps=s["steps"],
                          learning_rate=s["lr"], batch_size=s["batch_size"], max_length=s["max_length"],
-                         max_new_tokens=s["max_new_tokens"], seed=s["seed"], seqft_learning_rate=args.seqft_lr,
-                         device=None if args.device == "auto" else args.device, studies=studies)
+                         max_new_tokens=s["max_new_tokens"], seed=seeds[0], tasks=tasks,
+                         seqft_learning_rate=args.seqft_lr, device=None if args.device == "auto" else args.device,
+                         studies=studies)
     command = "switchcit " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else None
+    if args.select_tasks is not None:
+        _select(args, config, stream, out, command)
+    elif len(seeds) > 1:
+        _run_seeds(args, config, seeds, load, out, command)
+    else:
+        _run_one(args, config, stream, out, command)
+
+
+def _select(args, config, stream, out: Path, command: str | None) -> None:
+    from .selection import select_tasks
+
+    if args.select_tasks < 1:
+        raise SwitchcitError(f"--select-tasks {args.select_tasks}: give the number of tasks to keep, at least 1")
+    selected = select_tasks(config, stream, out, args.select_tasks, progress=not args.quiet, command=command)
+    print(f"switchcit bench --select-tasks: kept {len(selected['tasks'])} of {len(selected['candidates'])} tasks "
+          f"tried; list in {out / 'selected.json'} (give it to --tasks)")
+    for c in selected["candidates"]:
+        print(f"  {c['name']:<40} zero-shot {c['zeroshot']:5.1f}  learned {c['learned']:5.1f}  "
+              f"one answer {c['one_answer']:5.1f}  {'kept' if c['kept'] else '-':<4}  {c['seconds']:.0f} s")
+
+
+def _run_seeds(args, config, seeds: list[int], load, out: Path, command: str | None) -> None:
+    from .seeds import run_seeds
+
+    results = run_seeds(config, seeds, load, out, progress=not args.quiet, command=command)
+    print(f"switchcit bench: seeds {','.join(map(str, seeds))}, {len(results['methods'])} method(s) on "
+          f"{len(results['tasks'])} tasks; aggregate in {out / 'results.json'}, report in {out / 'report.md'}")
+    for name, r in results["methods"].items():
+        cells = []
+        for key in ("ap", "bwt", "ap_reworded"):
+            mean, ci = r[key]["mean"], r[key]["ci95"]
+            if mean is not None:
+                cells.append(f"{key.upper()} {mean:.1f}" + (f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else ""))
+        print(f"  {name:<12} " + "  ".join(cells))
+
+
+def _run_one(args, config, stream, out: Path, command: str | None) -> None:
+    from .protocol import run_bench
+
     results = run_bench(config, stream, out, progress=not args.quiet, command=command)
     print(f"switchcit bench: {len(results['methods'])} method(s) on {len(results['tasks'])} tasks; "
           f"results in {out / 'results.json'}, report in {out / 'report.md'}")
     for name, r in results["methods"].items():
         ap = "-" if r["ap"] is None else f"{r['ap']:.1f}"
         bwt = "-" if r["bwt"] is None else f"{r['bwt']:+.1f}"
-        print(f"  {name:<12} AP {ap:>6}  BWT {bwt:>6}  {r['seconds']:.0f} s")
+        reworded = "" if r.get("ap_reworded") is None else f"  AP reworded {r['ap_reworded']:.1f}"
+        print(f"  {name:<12} AP {ap:>6}  BWT {bwt:>6}{reworded}  {r['seconds']:.0f} s")
     studies = results.get("studies", {})
-    for name, r in studies.get("routers", {}).get("routers", {}).items():
-        accuracy = "" if r["accuracy"] is None else f"  routing {r['accuracy'][-1]:.1f}%"
-        print(f"  router {name:<8} AP {r['ap']:6.1f}{accuracy}")
     for r in studies.get("memory", {}).get("rows", []):
         print(f"  memory {r['percent']:g}% {r['encoder']}: routing {r['accuracy'][-1]:.1f}%  AP {r['ap']:.1f}")
+    if "arrow" in studies:
+        print(f"  arrow        AP {studies['arrow']['ap']:6.1f}")

@@ -20,6 +20,7 @@ from ..data import Example, Task, encode_prompt
 from ..errors import SwitchcitError
 from ..experts import ExpertConfig, train_expert
 from ..generation import greedy
+from ..memory import MemoryConfig
 from ..models import load_base_model
 from .cache import GenerationCache, Request
 from .files import write_json
@@ -62,7 +63,8 @@ class SwitchCIT:
     def __init__(self, setup: Setup):
         self.setup = setup
         self.cm = ContinualModel(setup.out / "switchcit" / "store", base_model=setup.model, device=setup.device,
-                                 expert_config=setup.expert, progress=setup.progress)
+                                 expert_config=setup.expert, memory_config=MemoryConfig(seed=setup.expert.seed),
+                                 progress=setup.progress)
         self.learned: list[str] = []
 
     def learn(self, task: Task) -> None:

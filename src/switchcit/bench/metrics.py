@@ -18,10 +18,29 @@ def normalize(text: str) -> str:
     return " ".join(text.strip().rstrip(".").split())
 
 
+def exact_match_scores(predictions: Sequence[str], references: Sequence[str]) -> list[float]:
+    """100 or 0 per prediction: equal to its reference after whitespace normalisation."""
+    return [100.0 * (normalize(p) == normalize(r)) for p, r in zip(predictions, references)]
+
+
 def exact_match(predictions: list[str], references: list[str]) -> float:
     """Percentage (0-100) of predictions equal to their reference after whitespace normalisation."""
-    hits = sum(normalize(p) == normalize(r) for p, r in zip(predictions, references))
-    return 100.0 * hits / max(1, len(references))
+    return _mean(exact_match_scores(predictions, references))
+
+
+def normalize_choice(text: str) -> str:
+    """A multiple-choice answer as compared: lower-cased, stripped, whitespace collapsed, trailing punctuation
+    dropped ("  Yes. " and "yes" are the same choice)."""
+    return " ".join(text.lower().split()).rstrip(string.punctuation).rstrip()
+
+
+def choice_scores(predictions: Sequence[str], answers: Sequence[str]) -> list[float]:
+    """100 or 0 per prediction: the right choice after `normalize_choice` (an answer of no choice is wrong)."""
+    return [100.0 * (normalize_choice(p) == normalize_choice(a)) for p, a in zip(predictions, answers)]
+
+
+def _mean(scores: Sequence[float]) -> float:
+    return sum(scores) / max(1, len(scores))
 
 
 BERTSCORE_ENCODER = "all-MiniLM-L6-v2 (embedded)"
@@ -79,11 +98,16 @@ def sari_sentence(source: str, prediction: str, references: Sequence[str]) -> fl
     return sum(sum(s[k] for s in scores) / 4 for k in range(3)) / 3
 
 
-def sari(sources: Sequence[str], predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
-    """Corpus SARI (0-100) as HF evaluate reports it: the mean of sentence-level scores."""
+def sari_scores(sources: Sequence[str], predictions: Sequence[str], references: Sequence[Sequence[str]]) -> list[float]:
+    """SARI (0-100) of each prediction."""
     if not (len(sources) == len(predictions) == len(references)):
         raise ValueError("sources, predictions and references must have the same length")
-    return 100 * sum(map(sari_sentence, sources, predictions, references)) / max(1, len(predictions))
+    return [100 * s for s in map(sari_sentence, sources, predictions, references)]
+
+
+def sari(sources: Sequence[str], predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+    """Corpus SARI (0-100) as HF evaluate reports it: the mean of sentence-level scores."""
+    return _mean(sari_scores(sources, predictions, references))
 
 
 # -- BERTScore, ROUGE, BLEU, constraints ------------------------------------------------------------
@@ -98,27 +122,38 @@ def _bert_scorer():
     return BERTScorer(model_type=str(path), num_layers=BERTSCORE_LAYER, rescale_with_baseline=False)
 
 
-def bertscore(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
-    """Mean BERTScore F1 (0-100), each prediction against its best-matching reference.
+def bertscore_scores(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> list[float]:
+    """BERTScore F1 (0-100) of each prediction against its best-matching reference.
 
     An empty prediction scores 0, as bert-score sets it; it is kept away from bert-score, whose
     empty-sentence path fails with transformers 5 tokenizers.
     """
+    scores = [0.0] * len(predictions)
     kept = [i for i, p in enumerate(predictions) if p.strip()]
-    if not kept:
-        return 0.0
-    _, _, f1 = _bert_scorer().score([predictions[i] for i in kept], [list(references[i]) for i in kept],
-                                    batch_size=32)
-    return 100 * f1.sum().item() / len(predictions)
+    if kept:
+        _, _, f1 = _bert_scorer().score([predictions[i] for i in kept], [list(references[i]) for i in kept],
+                                        batch_size=32)
+        for i, value in zip(kept, f1.tolist()):
+            scores[i] = 100 * value
+    return scores
+
+
+def bertscore(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+    """Mean BERTScore F1 (0-100), each prediction against its best-matching reference."""
+    return _mean(bertscore_scores(predictions, references))
+
+
+def rouge1_scores(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> list[float]:
+    """ROUGE-1 F (0-100) of each prediction against its best-matching reference."""
+    from rouge_score.rouge_scorer import RougeScorer
+
+    scorer = RougeScorer(["rouge1"])
+    return [100 * max(scorer.score(r, p)["rouge1"].fmeasure for r in refs) for p, refs in zip(predictions, references)]
 
 
 def rouge1(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
     """Mean ROUGE-1 F (0-100), each prediction against its best-matching reference."""
-    from rouge_score.rouge_scorer import RougeScorer
-
-    scorer = RougeScorer(["rouge1"])
-    scores = [max(scorer.score(r, p)["rouge1"].fmeasure for r in refs) for p, refs in zip(predictions, references)]
-    return 100 * sum(scores) / max(1, len(scores))
+    return _mean(rouge1_scores(predictions, references))
 
 
 def bleu(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
@@ -135,14 +170,18 @@ def _words(text: str) -> list[str]:
     return [w for w in words if w]
 
 
-def constraint_satisfaction(predictions: Sequence[str], constraints: Sequence[tuple[str, str]]) -> float:
-    """Percentage of predictions that start with / contain / end with their required word."""
+def constraint_scores(predictions: Sequence[str], constraints: Sequence[tuple[str, str]]) -> list[float]:
+    """100 or 0 per prediction: it starts with / contains / ends with its required word."""
     def satisfied(prediction: str, kind: str, word: str) -> bool:
         words, word = _words(prediction), word.lower().strip(string.punctuation)
         return {"start": words[:1] == [word], "end": words[-1:] == [word], "contain": word in words}[kind]
 
-    hits = sum(satisfied(p, kind, word) for p, (kind, word) in zip(predictions, constraints))
-    return 100.0 * hits / max(1, len(predictions))
+    return [100.0 * satisfied(p, kind, word) for p, (kind, word) in zip(predictions, constraints)]
+
+
+def constraint_satisfaction(predictions: Sequence[str], constraints: Sequence[tuple[str, str]]) -> float:
+    """Percentage of predictions that start with / contain / end with their required word."""
+    return _mean(constraint_scores(predictions, constraints))
 
 
 # -- by name --------------------------------------------------------------------------------------
@@ -150,17 +189,24 @@ def constraint_satisfaction(predictions: Sequence[str], constraints: Sequence[tu
 Scorer = Callable[[list, list[str]], float]
 """(evaluation examples, predictions) -> score; examples carry references, source and constraint."""
 
+# Metrics that are a mean over prompts, by their per-prompt scores: the bench bootstraps its intervals on these.
+PER_EXAMPLE: dict[str, Callable[[list, list[str]], list[float]]] = {
+    "exact_match": lambda ex, preds: exact_match_scores(preds, [e.references[0] for e in ex]),
+    "choice": lambda ex, preds: choice_scores(preds, [e.references[0] for e in ex]),
+    "sari": lambda ex, preds: sari_scores([e.source for e in ex], preds, [e.references for e in ex]),
+    "bertscore": lambda ex, preds: bertscore_scores(preds, [e.references for e in ex]),
+    "rouge1": lambda ex, preds: rouge1_scores(preds, [e.references for e in ex]),
+    "constraint": lambda ex, preds: constraint_scores(preds, [e.constraint for e in ex]),
+}
 METRICS: dict[str, Scorer] = {
-    "exact_match": lambda ex, preds: exact_match(preds, [e.references[0] for e in ex]),
-    "sari": lambda ex, preds: sari([e.source for e in ex], preds, [e.references for e in ex]),
-    "bertscore": lambda ex, preds: bertscore(preds, [e.references for e in ex]),
-    "rouge1": lambda ex, preds: rouge1(preds, [e.references for e in ex]),
-    "bleu": lambda ex, preds: bleu(preds, [e.references for e in ex]),
-    "constraint": lambda ex, preds: constraint_satisfaction(preds, [e.constraint for e in ex]),
+    **{name: (lambda ex, preds, f=f: _mean(f(ex, preds))) for name, f in PER_EXAMPLE.items()},
+    "bleu": lambda ex, preds: bleu(preds, [e.references for e in ex]),  # a corpus score: no per-prompt parts
 }
 
 METRIC_NOTES = {
     "exact_match": "exact match after whitespace normalisation",
+    "choice": "multiple choice: the answer equals the right choice after lower-casing, stripping, collapsing "
+              "whitespace and dropping trailing punctuation (no choice matched: wrong)",
     "sari": "SARI (HF evaluate's formula: lower-cased, 13a-tokenized, mean of sentence scores)",
     "bertscore": f"BERTScore F1, encoder {BERTSCORE_ENCODER}, layer {BERTSCORE_LAYER}, no baseline rescaling",
     "rouge1": "ROUGE-1 F (rouge-score), best reference",
@@ -171,15 +217,16 @@ METRIC_NOTES = {
 
 # -- continual-learning summaries ------------------------------------------------------------------
 
-def average_performance(matrix: Sequence[Sequence[float | None]]) -> float:
-    """AP: the mean score over all tasks after the last stage."""
-    last = matrix[-1]
-    return sum(last) / len(last)
+def average_performance(matrix: Sequence[Sequence[float | None]]) -> float | None:
+    """AP: the mean score over all tasks after the last stage (tasks without a score, as in a matrix of
+    reworded prompts where only some tasks have rewordings, are left out)."""
+    last = [v for v in matrix[-1] if v is not None]
+    return sum(last) / len(last) if last else None
 
 
 def backward_transfer(matrix: Sequence[Sequence[float | None]]) -> float | None:
     """BWT: mean over earlier tasks of (final score - score right after learning it); negative = forgetting."""
     n = len(matrix)
-    if n < 2:
-        return None
-    return sum(matrix[-1][j] - matrix[j][j] for j in range(n - 1)) / (n - 1)
+    changes = [matrix[-1][j] - matrix[j][j] for j in range(n - 1)
+               if matrix[-1][j] is not None and matrix[j][j] is not None]
+    return sum(changes) / len(changes) if changes else None

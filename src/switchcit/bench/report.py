@@ -45,6 +45,11 @@ def _cell(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
+def _with_interval(value: float | None, interval: list[float] | None) -> str:
+    """A figure with its 95% interval, e.g. '53.1 [52.4, 53.8]'."""
+    return _cell(value) + (f" [{interval[0]:.1f}, {interval[1]:.1f}]" if value is not None and interval else "")
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
             *("| " + " | ".join(row) + " |" for row in rows), ""]
@@ -62,15 +67,26 @@ def render(results: dict) -> str:
              + (f" seqft fine-tunes all weights at learning rate {config['seqft_learning_rate']}."
                 if config.get("seqft_learning_rate") else ""), "",
              "R[i][j] is the score on task j after learning task i. AP is the mean of the last row; BWT the mean "
-             "change of each earlier task from just after learning it to the end (negative: forgetting).", "",
+             "change of each earlier task from just after learning it to the end (negative: forgetting). "
+             "R_reworded scores the same test rows in switchcit's own rewordings (`bench/data/rewordings.json`), "
+             "for the tasks that have them; for SwitchCIT, the gap between the two is what routing still loses. "
+             "Brackets: 95% bootstrap interval over the evaluation prompts.", "",
              *([f"Command: `{results['command']}`", ""] if results.get("command") else []),
              *([f"Machine: {results['machine']}.", ""] if results.get("machine") else []),
              "## Summary", ""]
-    lines += _table(["method", "AP", "BWT", "seconds"],
-                    [[m, _cell(r["ap"]), _cell(r["bwt"]), f"{r['seconds']:.0f}"] for m, r in methods.items()])
+    keys = ["ap", "bwt", *(["ap_reworded", "bwt_reworded"] if any(r.get("ap_reworded") is not None
+                                                                 for r in methods.values()) else [])]
+    lines += _table(["method", *(k.upper().replace("_REWORDED", " reworded") for k in keys), "seconds"],
+                    [[m, *(_with_interval(r.get(k), (r.get("bootstrap") or {}).get(k)) for k in keys),
+                      f"{r['seconds']:.0f}"] for m, r in methods.items()])
     lines += ["## Final score per task", ""]
     lines += _table(["method", *tasks], [[m, *(_cell((r["final"] or {}).get(t)) for t in tasks)]
                                          for m, r in methods.items()])
+    reworded_tasks = [t for t in tasks if any(t in (r.get("final_reworded") or {}) for r in methods.values())]
+    if reworded_tasks:
+        lines += ["## Final score on reworded prompts", ""]
+        lines += _table(["method", *reworded_tasks], [[m, *(_cell((r.get("final_reworded") or {}).get(t))
+                                                            for t in reworded_tasks)] for m, r in methods.items()])
     unseen_tasks = [t for t in tasks if results["metrics"][t]["unseen_wordings"]]
     if unseen_tasks:
         lines += ["## Final score with unseen instruction wordings", ""]
@@ -88,7 +104,9 @@ def render(results: dict) -> str:
         lines += ["## SwitchCIT routing", "", "Switch accuracy after each stage: "
                   + ", ".join(f"{a:.1f}" for a in switch["switch_accuracy"])
                   + (f"; on unseen wordings after the last stage: {switch['switch_unseen']['accuracy']:.1f}"
-                     if "switch_unseen" in switch else "") + ".", "",
+                     if "switch_unseen" in switch else "")
+                  + ("; on reworded prompts after each stage: " + _accuracies(switch["switch_reworded_accuracy"])
+                     if switch.get("switch_reworded_accuracy") else "") + ".", "",
                   "Confusion after the last stage (rows: true task, columns: routed task):", ""]
         lines += _table(["true \\ routed", *switch["confusion_columns"]],
                         [[t, *map(str, row)] for t, row in zip(switch["confusion_rows"], switch["confusion"])])
@@ -97,6 +115,10 @@ def render(results: dict) -> str:
     for m, r in methods.items():
         lines += [f"### {m}", ""]
         lines += _table(["after \\ on", *tasks], [[t, *map(_cell, row)] for t, row in zip(tasks, r["matrix"])])
+        if r.get("ap_reworded") is not None:
+            lines += [f"{m}, reworded prompts:", ""]
+            lines += _table(["after \\ on", *tasks], [[t, *map(_cell, row)]
+                                                       for t, row in zip(tasks, r["matrix_reworded"])])
     lines += ["## Metrics", ""]
     for t in tasks:
         spec = results["metrics"][t]
@@ -107,8 +129,8 @@ def render(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _accuracies(values: list[float] | None) -> str:
-    return "n/a" if values is None else ", ".join(f"{a:.1f}" for a in values)
+def _accuracies(values: list[float | None] | None) -> str:
+    return "n/a" if values is None else ", ".join(map(_cell, values))
 
 
 def _studies_section(results: dict) -> list[str]:
@@ -116,22 +138,6 @@ def _studies_section(results: dict) -> list[str]:
     studies, tasks = results.get("studies") or {}, results["tasks"]
     unseen = [t for t in tasks if results["metrics"][t]["unseen_wordings"]]
     lines = []
-    if "routers" in studies:
-        spec = studies["routers"]
-        lines += ["## Router comparison", "",
-                  f"Routers over the same features (encoder `{spec['encoder']}`), judged as classifiers with the "
-                  "unknown-request fallback off. mlp: the library's switch; centroid: nearest task mean (cosine); "
-                  f"knn: {spec['knn_k']} nearest retained features, similarity-weighted vote; arrow: PEFT's Arrow, "
-                  f"top-{spec['arrow_top_k']} adapters mixed per token and layer from the adapters' own weights "
-                  "(no features, so no routing accuracy). End scores: each router drives the same experts after "
-                  "the last stage.", ""]
-        rows = []
-        for name, r in spec["routers"].items():
-            acc = r["accuracy"]
-            rows.append([name, _accuracies(acc), *([_cell(r["unseen_accuracy"])] if unseen else []), _cell(r["ap"]),
-                         *(_cell(r["final"][t]) for t in tasks), *(_cell(r["final_unseen"].get(t)) for t in unseen)])
-        lines += _table(["router", "accuracy after each stage", *(["unseen-wording accuracy"] if unseen else []),
-                         "AP", *tasks, *(f"{t} (unseen)" for t in unseen)], rows)
     if "memory" in studies:
         spec = studies["memory"]
         lines += ["## Memory budget", "",
@@ -143,36 +149,27 @@ def _studies_section(results: dict) -> list[str]:
                         [[f"`{r['encoder']}`", str(r["dim"]), f"{r['percent']:g}",
                           ", ".join(map(str, r["kept_per_earlier_task"])), _accuracies(r["accuracy"]),
                           *([_cell(r["unseen_accuracy"])] if unseen else []), _cell(r["ap"])] for r in spec["rows"]])
+    if "arrow" in studies:
+        arrow, switch = studies["arrow"], results["methods"].get("switchcit", {})
+        lines += ["## Arrow", "",
+                  f"PEFT's Arrow drives SwitchCIT's experts after the last stage: per token and layer, the "
+                  f"top-{arrow['top_k']} adapters whose own weights best match the hidden state are mixed (no "
+                  "features, so no routing accuracy; routers are compared in the routing study, "
+                  "`bench --routing-only`).", ""]
+        lines += _table(["routing", "AP", *tasks, *(f"{t} (unseen)" for t in unseen)],
+                        [["arrow", _cell(arrow["ap"]), *(_cell(arrow["final"][t]) for t in tasks),
+                          *(_cell(arrow["final_unseen"].get(t)) for t in unseen)],
+                         *([["switchcit", _cell(switch["ap"]), *(_cell(switch["final"][t]) for t in tasks),
+                             *(_cell(switch.get("final_unseen", {}).get(t)) for t in unseen)]]
+                           if switch.get("final") else [])])
     return lines
 
 
 def plot_studies(results: dict, out: Path) -> list[Path]:
-    """routers.png (accuracy by stage, AP per router) and memory.png (final accuracy and AP by retained %)."""
+    """memory.png: final accuracy and AP by retained %."""
     import matplotlib.pyplot as plt
 
-    studies, tasks, written = results.get("studies") or {}, results["tasks"], []
-    if "routers" in studies:
-        routers = studies["routers"]["routers"]
-        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-        for name, r in routers.items():
-            if r["accuracy"] is not None:
-                left.plot(range(1, len(tasks) + 1), r["accuracy"], marker="o", label=name)
-        left.set_xticks(range(1, len(tasks) + 1), [f"after {t}" for t in tasks], rotation=20)
-        left.set_ylabel("routing accuracy (%)")
-        if left.lines:
-            left.legend()
-        right.bar_label(right.bar(list(routers), [r["ap"] for r in routers.values()]), fmt="%.1f")
-        references = [(m, style) for m, style in (("oracle", "--"), ("zeroshot", ":"))  # ceiling and floor
-                      if (results["methods"].get(m) or {}).get("ap") is not None]
-        for m, style in references:
-            right.axhline(results["methods"][m]["ap"], color="k", linestyle=style, label=m)
-        right.set_ylabel("AP after the last stage")
-        if references:
-            right.legend(loc="lower right")
-        fig.tight_layout()
-        written.append(out / "routers.png")
-        fig.savefig(written[-1], dpi=100)
-        plt.close(fig)
+    studies, written = results.get("studies") or {}, []
     if "memory" in studies:
         rows = studies["memory"]["rows"]
         fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
@@ -217,25 +214,101 @@ def plot(results: dict, out: Path) -> list[Path]:
         written.append(out / f"heatmap_{m}.png")
         fig.savefig(written[-1], dpi=100)
         plt.close(fig)
-    methods = list(results["methods"])
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(tasks) * max(1, len(methods)) / 3), 4))
-    width = 0.8 / max(1, len(methods))
-    for k, m in enumerate(methods):
-        final = results["methods"][m]["final"] or {}
-        ax.bar(np.arange(len(tasks)) + k * width, [final.get(t) or 0 for t in tasks], width, label=m)
+    bars = {m: ((r["final"] or {}), ((r.get("bootstrap") or {}).get("final") or {}))
+            for m, r in results["methods"].items()}
+    written.append(plot_final_scores(tasks, bars, out / "final_scores.png",
+                                     "error bars: 95% bootstrap interval over the evaluation prompts"))
+    return written + plot_studies(results, out)
+
+
+def plot_final_scores(tasks: list[str], bars: dict[str, tuple[dict, dict]], path: Path, note: str,
+                      ylabel: str = "score after the last task (0-100)") -> Path:
+    """Final score per task and method (bars: method -> (scores, 95% intervals) by task), intervals as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(tasks) * max(1, len(bars)) / 3), 4))
+    width = 0.8 / max(1, len(bars))
+    for k, (m, (scores, intervals)) in enumerate(bars.items()):
+        values = [scores.get(t) or 0 for t in tasks]
+        errors = [[v - intervals[t][0] if intervals.get(t) else 0 for t, v in zip(tasks, values)],
+                  [intervals[t][1] - v if intervals.get(t) else 0 for t, v in zip(tasks, values)]]
+        ax.bar(np.arange(len(tasks)) + k * width, values, width, yerr=np.clip(errors, 0, None), capsize=2, label=m)
     ax.set_xticks(np.arange(len(tasks)) + 0.4 - width / 2, tasks)
-    ax.set_ylabel("score after the last task (0-100)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(note, fontsize="small")
     ax.legend(fontsize="small", ncols=2)
     fig.tight_layout()
-    written.append(out / "final_scores.png")
-    fig.savefig(written[-1], dpi=100)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
-    return written + plot_studies(results, out)
+    return path
 
 
 def write_report(results: dict, out: Path) -> None:
     (out / "report.md").write_text(render(results), encoding="utf-8")
     plot(results, out)
+
+
+def _figure_cell(fig: dict) -> str:
+    return _with_interval(fig["mean"], fig["ci95"])
+
+
+def render_seeds(results: dict) -> str:
+    """The aggregate over seeds as Markdown: means with t-intervals, then each seed with its bootstrap intervals."""
+    from .seeds import FIGURES
+
+    config, tasks, methods, seeds = results["config"], results["tasks"], results["methods"], results["seeds"]
+    keys = [k for k in FIGURES if any(m[k]["per_seed"] != [None] * len(seeds) for m in methods.values())]
+    header = [k.upper().replace("_REWORDED", " reworded") for k in keys]
+    lines = [f"# switchcit bench: {config['stream']} stream, seeds {', '.join(map(str, seeds))}", "",
+             f"Base model `{config['model']}`; {len(tasks)} tasks ({', '.join(tasks)}); per task "
+             f"{config['train_examples']} training examples at most, {config['steps']} steps of batch "
+             f"{config['batch_size']} at learning rate {config['learning_rate']}; {config['eval_examples']} "
+             f"evaluation examples at most, greedy decoding up to {config['max_new_tokens']} new tokens.", "",
+             "Each seed draws the data order, the LoRA initialisation, the memory sample and the evaluation sample; "
+             "each is a whole run in its folder ("
+             + ", ".join(f"[{p}]({p}/report.md)" for p in results["runs"].values())
+             + "). A figure is the mean over seeds with its 95% t-interval over seeds in brackets; per seed, "
+               "brackets hold the 95% bootstrap interval over its evaluation prompts.", "",
+             *([f"Command: `{results['command']}`", ""] if results.get("command") else []),
+             *([f"Machine: {results['machine']}.", ""] if results.get("machine") else []),
+             "## Summary (mean over seeds [95% t-interval])", ""]
+    lines += _table(["method", *header, "seconds per seed"],
+                    [[m, *(_figure_cell(r[k]) for k in keys), ", ".join(_cell(x) for x in r["seconds"])]
+                     for m, r in methods.items()])
+    lines += ["## Per seed [95% bootstrap interval over prompts]", ""]
+    lines += _table(["method", "seed", *header],
+                    [[m, str(seed), *(_with_interval(r[k]["per_seed"][i], (r[k].get("per_seed_ci95") or [None] *
+                                                                           len(seeds))[i]) for k in keys)]
+                     for m, r in methods.items() for i, seed in enumerate(seeds)])
+    for part, title in (("final", "Final score per task"), ("final_reworded", "Final score on reworded prompts")):
+        shown = [t for t in tasks if any(t in r[part] for r in methods.values())]
+        if shown:
+            lines += [f"## {title} (mean over seeds [95% t-interval])", ""]
+            lines += _table(["method", *shown], [[m, *(_figure_cell(r[part][t]) if t in r[part] else "-"
+                                                       for t in shown)] for m, r in methods.items()])
+    return "\n".join(lines) + "\n![final scores](final_scores.png)\n\n![summary](summary.png)\n"
+
+
+def write_seeds_report(results: dict, out: Path) -> None:
+    """report.md, final_scores.png and summary.png (AP and AP on reworded prompts) of the aggregate, t-intervals
+    as error bars."""
+    (out / "report.md").write_text(render_seeds(results), encoding="utf-8")
+    methods, note = results["methods"], "error bars: 95% t-interval over seeds"
+
+    def bars(part: str, keys: list[str] | None = None) -> dict[str, tuple[dict, dict]]:
+        found = {}
+        for m, r in methods.items():
+            figs = {k: r[k] for k in keys} if keys else r[part]
+            found[m] = ({k: f["mean"] for k, f in figs.items()}, {k: f["ci95"] for k, f in figs.items()})
+        return found
+
+    plot_final_scores(results["tasks"], bars("final"), out / "final_scores.png", note)
+    plot_final_scores(["ap", "ap_reworded"], bars("", ["ap", "ap_reworded"]), out / "summary.png", note,
+                      "after the last task (0-100)")
 
 
 ROUTING_COLUMNS = (("seen", "seen"), ("unseen", "unseen"), ("reworded", "reworded"),

@@ -61,7 +61,7 @@ class Stream:
 
     def labels(self) -> dict[str, str]:
         """Every evaluation prompt -> its true task (the oracle's routing)."""
-        return {e.prompt: t.name for t in self.tasks for e in [*t.seen, *t.unseen]}
+        return {e.prompt: t.name for t in self.tasks for e in [*t.seen, *t.unseen, *t.reworded]}
 
 
 @functools.cache
@@ -228,7 +228,8 @@ def bigbench_reworded(name: str, rows: list[dict], rng: random.Random) -> list[E
 
 def bigbench(data_dir: str | Path, n_train: int, n_eval: int, seed: int, shape: str = "as_built") -> Stream:
     """The BIG-bench stream from a folder laid out like shared/data/bigbench (read in place), in its order.
-    Every task comes with one wording (its prefix, or none), so 'one_wording' is 'as_built'."""
+    Every task comes with one wording (its prefix, or none), so 'one_wording' is 'as_built'. Generative tasks are
+    scored by exact match, multiple-choice ones by the right choice (`metrics.normalize_choice`)."""
     root = Path(data_dir)
     spec_path = root / "tasks.json"
     if not spec_path.is_file():
@@ -243,7 +244,8 @@ def bigbench(data_dir: str | Path, n_train: int, n_eval: int, seed: int, shape: 
                     for r in train for prompt, wording in [bigbench_prompt(task, r)]]
         seen = [EvalExample(prompt, tuple(r.get("references") or (r["target"],)), wording=wording)
                 for r in test for prompt, wording in [bigbench_prompt(task, r)]]
-        tasks.append(BenchTask(name, Task(name, examples), seen, "exact_match",
+        metric = "choice" if task["kind"] == "multiple_choice" else "exact_match"
+        tasks.append(BenchTask(name, Task(name, examples), seen, metric,
                                reworded=bigbench_reworded(name, test, reword_rng)))
     return reshape(Stream("bigbench", tasks), shape)
 
@@ -296,14 +298,26 @@ def user(folder: str | Path, n_train: int, n_eval: int, seed: int) -> Stream:
     return Stream(folder.name, tasks)
 
 
+def select(stream: Stream, names: list[str] | None) -> Stream:
+    """The stream's tasks of these names, in stream order (all of them when `names` is None)."""
+    if names is None:
+        return stream
+    known = [t.name for t in stream.tasks]
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise SwitchcitError(f"--tasks {unknown or '(none)'}: the {stream.name} stream has {', '.join(known)}")
+    return Stream(stream.name, [t for t in stream.tasks if t.name in names])
+
+
 def load_stream(spec: str, data_dir: str | Path | None, n_train: int, n_eval: int, seed: int,
-                shape: str = "as_built") -> Stream:
+                shape: str = "as_built", tasks: list[str] | None = None) -> Stream:
     """'demo', 'cit' (from `data_dir`, or Hugging Face when None), 'bigbench' (from `data_dir`) or a user's stream
-    folder, with its training rows in `shape`."""
+    folder, with its training rows in `shape`; only `tasks` of it, in stream order, when given."""
     if spec == "cit":
-        return cit(data_dir, n_train, n_eval, seed, shape)
+        return select(cit(data_dir, n_train, n_eval, seed, shape), tasks)
     if spec == "bigbench":
         if data_dir is None:
             raise SwitchcitError("the bigbench stream is read in place: give --data-dir (e.g. ../shared/data/bigbench)")
-        return bigbench(data_dir, n_train, n_eval, seed, shape)
-    return reshape(demo(n_train, n_eval, seed) if spec == "demo" else user(spec, n_train, n_eval, seed), shape)
+        return select(bigbench(data_dir, n_train, n_eval, seed, shape), tasks)
+    stream = demo(n_train, n_eval, seed) if spec == "demo" else user(spec, n_train, n_eval, seed)
+    return select(reshape(stream, shape), tasks)

@@ -1,16 +1,15 @@
-"""Two studies on top of SwitchCIT's benchmark run: which router, and how much memory.
+"""Two studies on top of SwitchCIT's benchmark run: how much memory the paper's switch needs, and Arrow.
 
 Both reuse what the `switchcit` method left in RUN_DIR: its experts and its retained feature memory.
-No expert is trained again; routers and switches are cheap to fit, and every answer goes through the
-run's generation cache, so only prompts that a router sends somewhere new cost a generation.
+No expert is trained again, and every answer goes through the run's generation cache, so only prompts
+that a switch sends somewhere new cost a generation. Routers are compared in one place, the routing
+study (`bench --routing-only`, routing.py); what it cannot measure without answers is here.
 
-- Router comparison: after each stage, the MLP switch, nearest centroid and kNN route the evaluation
-  prompts over the same features (the store's encoder); at the end each router drives the experts, and
-  PEFT's Arrow (per-token routing from the adapters' own weights) does the same without any features.
-- Memory budget: the switch retrained stage by stage as the library does, keeping p% of each earlier
-  task's features (at least one) for several p and several encoders; its accuracy and the AP it yields.
-
-Routers here are judged as classifiers: the unknown-request fallback is off, so every prompt gets a task.
+- Memory budget: the paper's MLP switch retrained stage by stage as the library does, keeping p% of each
+  earlier task's features (at least one) for several p and several encoders; its accuracy and the AP it
+  yields. Judged as a classifier: the unknown-request fallback is off, so every prompt gets a task.
+- Arrow: PEFT's per-token routing from the adapters' own weights drives the same experts after the last
+  stage (no features, so no routing accuracy): its AP beside SwitchCIT's.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ from ..continual import ContinualModel
 from ..encoders import Encoder, load_encoder
 from ..errors import SwitchcitError
 from ..memory import MemoryConfig, select_memory
-from ..routers import ROUTERS, fit_router
+from ..routers import fit_router
 from .streams import Stream
 
 if TYPE_CHECKING:
@@ -33,32 +32,26 @@ if TYPE_CHECKING:
 
     from .methods import SwitchCIT
 
-ARROW = "arrow"
-STUDY_ROUTERS = (*ROUTERS, ARROW)
 MEMORY_PERCENTS = (0.01, 0.1, 1.0, 10.0)  # the paper keeps 0.01% or 1%
 
 
 @dataclass
 class StudyConfig:
-    routers: list[str] = field(default_factory=lambda: list(STUDY_ROUTERS))
     memory_percents: list[float] = field(default_factory=lambda: list(MEMORY_PERCENTS))
     encoders: list[str] = field(default_factory=list)  # empty: the store's encoder and the base model's
-    knn_k: int = 5
+    arrow: bool = True
     arrow_top_k: int = 3
 
     def check(self) -> None:
-        unknown = [r for r in self.routers if r not in STUDY_ROUTERS]
-        if unknown:
-            raise SwitchcitError(f"unknown router(s) {unknown}: choose from {', '.join(STUDY_ROUTERS)}")
         bad = [p for p in self.memory_percents if not 0 < p <= 100]
         if bad:
             raise SwitchcitError(f"memory percentages {bad} are outside (0, 100]: give values like 0.01,1,10")
-        if ARROW in self.routers:  # checked now, not after an hour of benchmark
+        if self.arrow:  # checked now, not after an hour of benchmark
             try:
                 from peft import ArrowConfig, create_arrow_model  # noqa: F401
             except ImportError:
-                raise SwitchcitError("the arrow router needs a PEFT with Arrow routing: pip install -U peft, or "
-                                     "leave arrow out of --routers") from None
+                raise SwitchcitError("the Arrow study needs a PEFT with Arrow routing: pip install -U peft, or "
+                                     "give --no-arrow") from None
 
 
 Features = dict[str, dict[str, "torch.Tensor"]]  # split ('train', 'seen', 'unseen') -> task -> [n, dim]
@@ -104,7 +97,7 @@ def _accuracy(router, features: dict[str, torch.Tensor], tasks: list[str]) -> fl
 
 
 class Studies:
-    """Runs the router comparison and the memory study for one finished SwitchCIT run."""
+    """Runs the memory study and Arrow for one finished SwitchCIT run."""
 
     def __init__(self, config: StudyConfig, stream: Stream, method: SwitchCIT, scorer, out: Path, seed: int):
         self.config = config
@@ -129,11 +122,6 @@ class Studies:
 
         return stream_features(reference, make_encoder, self.stream, self.folder)
 
-    def stored_memory(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """The features each task retained in the store, and its centroid over all its features."""
-        stored = {t.name: self.cm.store.memory(t) for t in self.cm.tasks}
-        return {t: m.features for t, m in stored.items()}, {t: m.centroid for t, m in stored.items()}
-
     def end_scores(self, seen_routes: list[str], unseen_routes: list[str]) -> dict:
         """The experts driven by these routes after the last stage: per-task scores, AP, unseen scores."""
         return self._scores(lambda prompts: self.method.generate_routed(prompts, seen_routes + unseen_routes))
@@ -145,10 +133,10 @@ class Studies:
         answers = answer(prompts)
         final, final_unseen, at = {}, {}, 0
         for task in self.stream.tasks:
-            final[task.name] = self.scorer(task, task.seen, answers[at:at + len(task.seen)])[task.metric]
+            final[task.name] = self.scorer(task, task.seen, answers[at:at + len(task.seen)])[0][task.metric]
             at += len(task.seen)
         for task in [t for t in self.stream.tasks if t.unseen]:
-            final_unseen[task.name] = self.scorer(task, task.unseen, answers[at:at + len(task.unseen)])[task.metric]
+            final_unseen[task.name] = self.scorer(task, task.unseen, answers[at:at + len(task.unseen)])[0][task.metric]
             at += len(task.unseen)
         return {"final": final, "ap": sum(final.values()) / len(final), "final_unseen": final_unseen}
 
@@ -159,32 +147,7 @@ class Studies:
         return (router.route(torch.cat([features["seen"][t] for t in self.names])),
                 router.route(torch.cat(unseen)) if unseen else [])
 
-    # -- router comparison -----------------------------------------------------------------------------
-
-    def routers(self) -> dict:
-        """Per router: accuracy after each stage, on unseen wordings, and end scores with it at the wheel."""
-        features = self.features(self.cm.encoder_reference)
-        memory, centroids = self.stored_memory()
-        unseen_tasks = [t for t in self.names if t in features["unseen"]]
-        results = {}
-        for kind in [r for r in self.config.routers if r != ARROW]:
-            accuracy, router = [], None
-            for i, task in enumerate(self.names):
-                seen = self.names[:i + 1]
-                if kind == "knn":  # it routes at request time: only what the store keeps is there
-                    pool = {t: memory[t] for t in seen}
-                else:  # trained like the switch: the newest task's full features, the memory of the rest
-                    pool = {**{t: memory[t] for t in seen[:-1]}, task: features["train"][task]}
-                router = fit_router(kind, pool, self.cm.switch_config, centroids=centroids, k=self.config.knn_k)
-                accuracy.append(_accuracy(router, features["seen"], seen))
-            results[kind] = {"accuracy": accuracy,
-                             "unseen_accuracy": _accuracy(router, features["unseen"], unseen_tasks)
-                             if unseen_tasks else None,
-                             **self.end_scores(*self._final_routes(router, features))}
-        if ARROW in self.config.routers:
-            results[ARROW] = {"accuracy": None, "unseen_accuracy": None, **self.arrow()}
-        return {"encoder": self.cm.encoder_reference, "knn_k": self.config.knn_k,
-                "arrow_top_k": self.config.arrow_top_k, "routers": results}
+    # -- Arrow -------------------------------------------------------------------------------------------
 
     def arrow(self) -> dict:
         """PEFT's Arrow over the same experts: per token and layer, the top-k adapters whose weights' main
@@ -206,8 +169,9 @@ class Studies:
                 model = (create_arrow_model(base, paths, config).eval(), tokenizer)
             return generate_batch(*model, [p for _, p in batch], self.method.setup.max_new_tokens)
 
-        return self._scores(lambda prompts: self.method.setup.cache.generate([(key, p) for p in prompts], run,
-                                                                             desc="generate arrow"))
+        scores = self._scores(lambda prompts: self.method.setup.cache.generate([(key, p) for p in prompts], run,
+                                                                               desc="generate arrow"))
+        return {"top_k": self.config.arrow_top_k, **scores}
 
     # -- memory budget ---------------------------------------------------------------------------------
 
@@ -242,8 +206,8 @@ def run_studies(config: StudyConfig, stream: Stream, method: SwitchCIT, scorer, 
     """Both studies, as results.json's 'studies' entry (either part skipped when it has nothing to run)."""
     studies = Studies(config, stream, method, scorer, out, seed)
     found = {}
-    if config.routers:
-        found["routers"] = studies.routers()
     if config.memory_percents:
         found["memory"] = studies.memory()
+    if config.arrow:
+        found["arrow"] = studies.arrow()
     return found
