@@ -5,8 +5,9 @@ forgetting. The rule, fixed before any continual run (issue 23): in stream order
 (the oracle's adapter, the bench's budget) and keep the first `count` tasks whose score after learning is
 at least `margin` points above both zero-shot and the score of always giving the most common answer (a
 task learned only in its answer format, a binary choice answered 'correct' every time, beats zero-shot
-without learning the task: winowhy, 46 against 0, and 56 for always 'incorrect'). Each task is an ordinary one-task bench run (oracle and
-zeroshot) in OUT/<task>, so a killed selection resumes and nothing is generated twice.
+without learning the task: winowhy, 46 against 0, and 56 for always 'incorrect'). Each task is an
+ordinary one-task bench run (oracle and zeroshot) in OUT/<task>, so a killed selection resumes and nothing
+is generated twice.
 """
 
 from __future__ import annotations
