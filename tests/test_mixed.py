@@ -38,9 +38,9 @@ def pool(tiny_model, tmp_path_factory) -> AdapterPool:
 
 def names_of(adapters: int, rows: int, in_order: bool = False) -> list[str]:
     """Rows out of adapter order, adapters repeated and skipped, and base-model rows among them; or rows already in
-    adapter order (the grouped layout then reorders nothing)."""
+    adapter order, base-model rows last (the grouped layout then moves no rows)."""
     if in_order:
-        return [f"t{k * adapters // rows}" for k in range(rows)]
+        return [f"t{k * adapters // rows}" for k in range(rows - 2)] + [NO_ADAPTER] * 2
     return [NO_ADAPTER if i % 5 == 3 else f"t{(7 * i) % adapters}" for i in range(rows)]
 
 

@@ -60,9 +60,10 @@ class MixedLoRA:
             self.layers.append((module, a_all, b_all))
         self.tuner_layers = tuner_layers(model)
         self._masks: dict[int, torch.Tensor] = {}  # dense: per rank, [rows, K*rank] ones on each row's adapter
-        # else: the rows with an adapter in adapter order (None: all, in order already), rows per adapter, and
-        # the grouped product's offsets per sequence length (rows * length: a row's positions are contiguous)
-        self._groups: tuple[torch.Tensor | None, torch.Tensor] | None = None
+        # else: the rows with an adapter in adapter order (None: in order already, base-model rows last), rows per
+        # adapter, and how many rows have one; the grouped product's offsets per sequence length (rows * length:
+        # a row's positions are contiguous)
+        self._groups: tuple[torch.Tensor | None, torch.Tensor, int] | None = None
         self._offsets: dict[int, torch.Tensor] = {}
 
     @staticmethod
@@ -94,18 +95,20 @@ class MixedLoRA:
 
         def grouped(module, args, output):
             x = args[0] if args[0].dtype == a_all.dtype else args[0].to(a_all.dtype)
-            order, counts = self._groups
+            order, counts, used = self._groups
             length = x.numel() // (x.shape[0] * x.shape[-1])
             offsets = self._offsets.get(length)
             if offsets is None:
                 offsets = self._offsets[length] = (counts * length).cumsum(0).to(torch.int32)
-            rows = x if order is None else x.index_select(0, order)
+            rows = x[:used] if order is None else x.index_select(0, order)
             delta = F.grouped_mm(F.grouped_mm(rows.reshape(-1, x.shape[-1]), a_all, offs=offsets), b_all, offs=offsets)
-            if order is None and output.dtype == delta.dtype:
-                return output.add_(delta.view_as(output))
-            flat = output.reshape(output.shape[0], -1)
+            flat = output.view(output.shape[0], -1)  # the base layer's fresh output: added to in place
             delta = delta.view(-1, flat.shape[1]).to(output.dtype)
-            return (flat + delta if order is None else flat.index_add(0, order, delta)).view_as(output)
+            if order is None:
+                flat[:used].add_(delta)
+            else:
+                flat.index_add_(0, order, delta)
+            return output
 
         return dense if self.dense else grouped
 
@@ -129,8 +132,9 @@ class MixedLoRA:
             self._masks = {r: one_hot.repeat_interleave(r, dim=1) for r in ranks}
         else:
             order = torch.argsort(torch.where(used, rows, len(self.adapters)), stable=True)[:int(used.sum())]
-            in_order = len(order) == len(names) and bool((order == torch.arange(len(names), device=device)).all())
-            self._groups = None if in_order else order, torch.bincount(rows[used], minlength=len(self.adapters))
+            in_order = bool((order == torch.arange(len(order), device=device)).all())  # base-model rows last
+            self._groups = (None if in_order else order, torch.bincount(rows[used], minlength=len(self.adapters)),
+                            len(order))
         handles = [m.register_forward_hook(self._hook(a, b)) for m, a, b in self.layers]
         try:
             with adapters_off(self.tuner_layers):
