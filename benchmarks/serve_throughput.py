@@ -8,7 +8,8 @@ after the other, each on a free loopback port.
 1. Closed loop: the same prompts from the same number of concurrent clients, batched (continuous engine)
    and --max-batch-size 1: `batched_rps`, `sequential_rps`, `ratio`.
 2. Mixed workload (fixed): 64 streamed requests, max_tokens 8 or 200 (half each, shuffled with seed 0),
-   forced round-robin to 4 adapters, Poisson arrivals at 2 requests/s (seed 0). For each engine:
+   forced round-robin to 4 adapters (--adapters N: N; the demo store then has N tasks), Poisson arrivals
+   at 2 requests/s (seed 0). For each engine:
    throughput, p50/p99 end-to-end latency and p50/p99 time to first token (first streamed chunk after
    the routing chunk, i.e. the first token: the continuous engine streams tokens as they are made, the
    static one only once its batch is done).
@@ -48,16 +49,18 @@ from pathlib import Path
 
 import httpx
 
-from switchcit import ContinualModel, ExpertConfig
+from switchcit import ContinualModel, ExpertConfig, Task
 from switchcit.demo import demo_stream
 from switchcit.serve import ServeConfig, create_app, serve_in_thread
 
 
 def build_store(folder: Path, model: str | None, tasks: int = 4) -> None:
+    """The demo tasks in turn, numbered from their second round on (speed does not depend on what they learned)."""
     cm = ContinualModel(folder, base_model=model, progress=False,
                         expert_config=ExpertConfig(max_steps=2, batch_size=4, epochs=100))
-    for train, _ in demo_stream(n_train=16, n_test=1, seed=0)[:tasks]:
-        cm.learn(train)
+    stream = demo_stream(n_train=16, n_test=1, seed=0)
+    for i, (train, _) in enumerate((stream * tasks)[:tasks]):
+        cm.learn(train if i < len(stream) else Task(f"{train.name}-{i}", train.examples))
 
 
 async def load(url: str, prompts: list[str], requests: int, concurrency: int, max_tokens: int) -> float:
@@ -143,10 +146,12 @@ def prompts_of_demo() -> list[str]:
     return [e.prompt for _, test in demo_stream(n_train=1, n_test=50, seed=1) for e in test.examples]
 
 
-def measure_mixed(store: Path, model: str | None, engine: str) -> dict:
+def measure_mixed(store: Path, model: str | None, engine: str, adapters: int) -> dict:
     config = ServeConfig(str(store), model=model, engine=engine, max_tokens=200)
     app = create_app(config)
-    tasks, prompts = app.state.engine.cm.task_names[:4], prompts_of_demo()
+    tasks, prompts = app.state.engine.cm.task_names[:adapters], prompts_of_demo()
+    if len(tasks) < adapters:
+        raise SystemExit(f"the store has {len(tasks)} tasks, fewer than --adapters {adapters}: give a lower --adapters")
     with serve_in_thread(app) as url:
         return {**asyncio.run(mixed(url, tasks, prompts)), **asyncio.run(short_during_long(url))}
 
@@ -303,14 +308,15 @@ def main() -> None:
                         help="only measure a burst of N requests beside a long answer")
     parser.add_argument("--long-prompt", type=int, default=None, metavar="TOKENS",
                         help="only measure a prompt of TOKENS tokens read beside running answers")
+    parser.add_argument("--adapters", type=int, default=4, help="adapters the mixed workload is spread over")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="switchcit-serve-bench-") as tmp:
         store = args.store
         if store is None:
             store = Path(tmp) / "store"
-            print("building a 4-task demo store ...", file=sys.stderr, flush=True)
-            build_store(store, args.model)
+            print(f"building a {args.adapters}-task demo store ...", file=sys.stderr, flush=True)
+            build_store(store, args.model, args.adapters)
         if args.burst or args.long_prompt:
             result = (measure_burst(store, args.model, args.burst) if args.burst
                       else measure_long_prompt(store, args.model, args.long_prompt))
@@ -318,9 +324,10 @@ def main() -> None:
             return
         batched = measure(store, args.model, args.max_batch_size, args)
         sequential = measure(store, args.model, 1, args)
-        engines = {engine: measure_mixed(store, args.model, engine) for engine in ("continuous", "static")}
+        engines = {engine: measure_mixed(store, args.model, engine, args.adapters)
+                   for engine in ("continuous", "static")}
     result = {"batched_rps": round(batched, 2), "sequential_rps": round(sequential, 2),
-              "ratio": round(batched / sequential, 2), **engines}
+              "ratio": round(batched / sequential, 2), "adapters": args.adapters, **engines}
     if args.json:
         print(json.dumps(result))
     else:
@@ -328,7 +335,8 @@ def main() -> None:
         print(f"dynamic batching (max {args.max_batch_size}): {batched:.2f} requests/s")
         print(f"one at a time (--max-batch-size 1):  {sequential:.2f} requests/s")
         print(f"ratio: {batched / sequential:.2f}x")
-        print("mixed workload (64 streamed requests, max_tokens 8 or 200, 4 adapters, Poisson 2/s, seed 0):")
+        print(f"mixed workload (64 streamed requests, max_tokens 8 or 200, {args.adapters} adapters, Poisson 2/s, "
+              "seed 0):")
         for engine, r in engines.items():
             print(f"  {engine:>10}: {r['rps']:.2f} requests/s, latency p50 {r['p50_s']:.2f} s p99 "
                   f"{r['p99_s']:.2f} s, time to first token p50 {r['ttft_p50_s']:.2f} s p99 {r['ttft_p99_s']:.2f} s")

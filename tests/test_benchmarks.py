@@ -24,6 +24,18 @@ def test_routed_generation_json(tiny_model):
     assert out["mixed_vs_naive"] == out["tokens_per_s"]["mixed"] / out["tokens_per_s"]["naive"]
 
 
+def test_routed_generation_sweep_writes_a_table_json_and_plot(tmp_path):
+    out = _run("routed_generation.py", "--sweep", "--model", "random:tiny", "--points", "3x2,1x2", "--new-tokens", "2",
+               "--repeats", "1", "--out", tmp_path)
+    rows = json.loads((tmp_path / "sweep.json").read_text())
+    assert [(r["config"]["adapters"], r["config"]["batch"]) for r in rows] == [(1, 2), (3, 2)]
+    assert set(rows[1]["tokens_per_s"]) == {"base", "single_adapter", "mixed", "mixed_dense", "mixed_gather",
+                                            "peft_mixed"}
+    assert rows[1]["adapters_in_batch"] == 2 and rows[1]["stacked_mb"] > rows[0]["stacked_mb"] > 0
+    assert (tmp_path / "sweep.png").stat().st_size > 0
+    assert out.splitlines()[-1].split()[:3] == ["3", "2", "dense"]  # the table's last row
+
+
 def test_learn_scaling_json(tiny_model):
     out = json.loads(_run("learn_scaling.py", "--json", "--model", tiny_model, "--tasks", "2", "--steps", "1",
                           "--examples", "16").splitlines()[-1])

@@ -142,7 +142,7 @@ def test_base_model_encoder(tmp_path, tiny_model, stream):
 
 @pytest.mark.parametrize("dense", [True, False])
 def test_fast_mixed_path_matches_peft(trained_store, stream, dense):
-    """Both batched paths (masked dense products, per-row gathers) give PEFT's logits and PEFT's generations."""
+    """Both batched layouts (masked dense products, grouped products) give PEFT's logits and PEFT's generations."""
     from switchcit.mixed import MixedLoRA
 
     cm = ContinualModel(trained_store, progress=False)

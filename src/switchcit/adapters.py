@@ -189,6 +189,12 @@ class AdapterPool:
         else:
             yield {"adapter_names": names}
 
+    def grouped(self, tasks: list[str]) -> list[int]:
+        """Row indices that put rows of the same adapter next to each other, in the order the adapters are
+        stacked, base-model rows last: a batch in this order is applied without moving rows (mixed.py)."""
+        place = {task: i for i, task in enumerate(self._loaded)}
+        return sorted(range(len(tasks)), key=lambda i: place.get(tasks[i], len(place)))
+
     def _mixed_lora(self) -> MixedLoRA | None:
         """The stacked weights of the loaded adapters, rebuilt whenever one is added, replaced or removed;
         None when some adapter is not plain LoRA."""

@@ -94,7 +94,7 @@ def forced_routes(prompts: list[str], tasks: list[str], known: list[str]) -> lis
 def generate_routed(pool: AdapterPool, prompts: list[str], routes: list[Route], max_new_tokens: int,
                     batch_size: int, min_new_tokens: int = 0, progress: bool = True) -> list[Generation]:
     """Greedy answers, prompt i with routes[i]'s adapter; prompts of similar length share a batch, and one
-    batch mixes adapters."""
+    batch mixes adapters, its rows grouped by adapter."""
     from tqdm.auto import tqdm
 
     from .data import encode_prompt
@@ -109,6 +109,7 @@ def generate_routed(pool: AdapterPool, prompts: list[str], routes: list[Route], 
     starts = range(0, len(order), batch_size)
     for start in tqdm(starts, desc="generate", unit="batch", leave=False, disable=not progress or len(starts) < 2):
         rows = order[start:start + batch_size]
+        rows = [rows[j] for j in pool.grouped([routes[i].task for i in rows])]
         with pool.rows([routes[i].task for i in rows]) as kwargs:
             done = greedy(pool.model, pool.tokenizer, [encoded[i] for i in rows], max_new_tokens, min_new_tokens,
                           **kwargs)

@@ -1,12 +1,15 @@
 """Mixed-adapter LoRA: one batch, a different adapter per row, in a few plain products per layer.
 
-PEFT's mixed-adapter batches loop over the adapters present inside every LoRA layer (select rows, two
-small matmuls, scatter back). Here each layer keeps its adapters' A and B side by side once, A as
-[K*r, in] and B (scaled) as [out, K*r]. With up to DENSE_UP_TO adapters, every row goes through all of
-them in two ordinary matmuls and a mask keeps only the columns of its own adapter: no per-row copies
-of weights, which cost more than the extra flops of a few small ranks. With more adapters, each row's
-pair is gathered and applied with two `bmm`s (the idea of Punica/S-LoRA's BGMV). Rows of the base
-model use no adapter. Outputs equal PEFT's within float tolerance (tests pin both ways).
+PEFT's mixed-adapter batches loop over the adapters present inside every LoRA layer, in Python (select rows,
+two small matmuls, scatter back). Here each layer stacks its adapters' A and B once per change of the
+adapter set, and two layouts apply them. With up to DENSE_UP_TO adapters, A sits as [K*r, in] and B
+(scaled) as [out, K*r]: every row goes through all of them in two ordinary matmuls and a mask keeps only
+the columns of its own adapter, the fewest tensor ops. With more, the masked flops grow with K, so rows
+are ordered by adapter and one grouped matrix product (`torch.nn.functional.grouped_mm`, in C++, groups of
+contiguous rows, empty groups allowed) applies each adapter's A ([K, in, r]) and B ([K, r, out]) in place:
+the work and the weights read grow with the rows, not with K, and no weight is copied per step (per-row
+gathers, Punica's BGMV, copy r*(in+out) weights per row and layer: most of their time on a CPU). Rows of
+the base model use no adapter. Outputs equal PEFT's within float tolerance (tests pin both ways).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ if TYPE_CHECKING:
     import torch
     from peft import PeftModel
 
-DENSE_UP_TO = 16  # adapters; measured on SmolLM2-135M (benchmarks/routed_generation.py), see README
+DENSE_UP_TO = 16  # adapters; measured on SmolLM2-135M (benchmarks/routed_generation.py --sweep), see README
 NO_ADAPTER = "__base__"  # PEFT's name for a row of the base model in mixed-adapter batches
 
 
@@ -28,7 +31,7 @@ class MixedLoRA:
     """Stacked LoRA weights of a PeftModel's adapters, and a context that applies them per batch row."""
 
     def __init__(self, model: PeftModel, adapters: list[str], dense: bool | None = None):
-        """`dense`: the masked product over all adapters (default: with up to DENSE_UP_TO), else per-row gathers."""
+        """`dense`: the masked product over all adapters (default: with up to DENSE_UP_TO), else grouped products."""
         from peft.tuners.lora import Linear
 
         self.model = model
@@ -51,10 +54,17 @@ class MixedLoRA:
                 start, r = self.index[name] * rank, module.r[name]
                 a_all[start:start + r] = module.lora_A[name].weight.detach()
                 b_all[:, start:start + r] = module.lora_B[name].weight.detach() * module.scaling[name]
+            if not self.dense:
+                a_all = a_all.view(k, rank, -1).transpose(1, 2).contiguous()  # [K, in, rank]
+                b_all = b_all.view(-1, k, rank).permute(1, 2, 0).contiguous()  # [K, rank, out]
             self.layers.append((module, a_all, b_all))
         self.tuner_layers = tuner_layers(model)
         self._masks: dict[int, torch.Tensor] = {}  # dense: per rank, [rows, K*rank] ones on each row's adapter
-        self._gather: tuple[torch.Tensor, torch.Tensor] | None = None  # else: each row's adapter, and 0 for base
+        # else: the rows with an adapter in adapter order (None: in order already, base-model rows last), rows per
+        # adapter, and how many rows have one; the grouped product's offsets per sequence length (rows * length:
+        # a row's positions are contiguous)
+        self._groups: tuple[torch.Tensor | None, torch.Tensor, int] | None = None
+        self._offsets: dict[int, torch.Tensor] = {}
 
     @staticmethod
     def supports(model: PeftModel, adapters: list[str]) -> bool:
@@ -74,26 +84,33 @@ class MixedLoRA:
         import torch
         import torch.nn.functional as F
 
-        rank = a_all.shape[0] // len(self.adapters)
-
         def dense(module, args, output):  # as few tensor ops as possible: on a CPU each costs ~10 us a layer
             x = args[0] if args[0].dtype == a_all.dtype else args[0].to(a_all.dtype)
+            rank = a_all.shape[0] // len(self.adapters)
             hidden = F.linear(x, a_all).mul_(self._masks[rank].view(x.shape[0], *[1] * (x.dim() - 2), -1))
             if output.dtype != a_all.dtype:
                 return output + F.linear(hidden, b_all).to(output.dtype)
             flat = output.reshape(-1, output.shape[-1])
             return torch.addmm(flat, hidden.reshape(-1, hidden.shape[-1]), b_all.t()).view_as(output)
 
-        def gathered(module, args, output):
-            x = args[0].to(a_all.dtype)
-            rows, used = self._gather
-            a = a_all.view(len(self.adapters), rank, -1)[rows]  # [rows, rank, in]
-            b = b_all.view(b_all.shape[0], len(self.adapters), rank).transpose(0, 1)[rows]  # [rows, out, rank]
-            flat = x.reshape(x.shape[0], -1, x.shape[-1])
-            delta = torch.bmm(torch.bmm(flat, a.transpose(1, 2)) * used, b.transpose(1, 2))
-            return output + delta.reshape(*output.shape).to(output.dtype)
+        def grouped(module, args, output):
+            x = args[0] if args[0].dtype == a_all.dtype else args[0].to(a_all.dtype)
+            order, counts, used = self._groups
+            length = x.numel() // (x.shape[0] * x.shape[-1])
+            offsets = self._offsets.get(length)
+            if offsets is None:
+                offsets = self._offsets[length] = (counts * length).cumsum(0).to(torch.int32)
+            rows = x[:used] if order is None else x.index_select(0, order)
+            delta = F.grouped_mm(F.grouped_mm(rows.reshape(-1, x.shape[-1]), a_all, offs=offsets), b_all, offs=offsets)
+            flat = output.view(output.shape[0], -1)  # the base layer's fresh output: added to in place
+            delta = delta.view(-1, flat.shape[1]).to(output.dtype)
+            if order is None:
+                flat[:used].add_(delta)
+            else:
+                flat.index_add_(0, order, delta)
+            return output
 
-        return dense if self.dense else gathered
+        return dense if self.dense else grouped
 
     @contextmanager
     def rows(self, names: list[str]) -> Iterator[None]:
@@ -114,7 +131,10 @@ class MixedLoRA:
             ranks = {a.shape[0] // len(self.adapters) for _, a, _ in self.layers}
             self._masks = {r: one_hot.repeat_interleave(r, dim=1) for r in ranks}
         else:
-            self._gather = rows.clamp(min=0), used.to(dtype).view(-1, 1, 1)
+            order = torch.argsort(torch.where(used, rows, len(self.adapters)), stable=True)[:int(used.sum())]
+            in_order = bool((order == torch.arange(len(order), device=device)).all())  # base-model rows last
+            self._groups = (None if in_order else order, torch.bincount(rows[used], minlength=len(self.adapters)),
+                            len(order))
         handles = [m.register_forward_hook(self._hook(a, b)) for m, a, b in self.layers]
         try:
             with adapters_off(self.tuner_layers):
@@ -122,7 +142,7 @@ class MixedLoRA:
         finally:
             for handle in handles:
                 handle.remove()
-            self._masks, self._gather = {}, None
+            self._masks, self._groups, self._offsets = {}, None, {}
 
 
 def tuner_layers(model: PeftModel) -> list:
