@@ -11,7 +11,8 @@ path as the library runs it (encode + switch timed, then one batch on mixed.py's
 (`mixed_gather` keeps its old name: it held per-row gathers, the many-adapter layout before grouped
 products), and `peft_mixed` PEFT's own mixed-adapter batches (`adapter_names=`), for reference.
 `--sweep` grows one store through the points (ADAPTERSxBATCH), measures every path but the naive one at
-each, prints a table and writes `sweep.json` and `sweep.png` (tokens/s against adapters) into --out.
+each, prints a table and writes `sweep.json` and `sweep.png` (tokens/s against adapters) into --out after
+every point, so a sweep cut short keeps what it measured.
 `--model random:tiny` is a random 2-layer Llama made on the spot, for a fast dry run.
 """
 
@@ -185,13 +186,13 @@ def main() -> None:
                                 "new_tokens": args.new_tokens, "rank": args.rank, "repeats": args.repeats,
                                 "device": cm.device}
             rows.append(result)
-            if args.sweep and not args.json:
-                print(f"adapters {adapters} batch {batch}: " + ", ".join(
-                    f"{k} {v:.1f}" for k, v in result["tokens_per_s"].items()) + " tokens/s", flush=True)
-    if args.sweep:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "sweep.json").write_text(json.dumps(rows, indent=1) + "\n")
-        plot(rows, args.out / "sweep.png")
+            if args.sweep:
+                args.out.mkdir(parents=True, exist_ok=True)
+                (args.out / "sweep.json").write_text(json.dumps(rows, indent=1) + "\n")
+                plot(rows, args.out / "sweep.png")
+                if not args.json:
+                    print(f"adapters {adapters} batch {batch}: " + ", ".join(
+                        f"{k} {v:.1f}" for k, v in result["tokens_per_s"].items()) + " tokens/s", flush=True)
     if args.json:
         print(json.dumps(rows if args.sweep else rows[0]))
         return

@@ -121,7 +121,9 @@ def test_routing_benchmark_on_the_demo_stream(tmp_path):
     assert report["routers"]["gaussian"]["tradeoff"][0]["multiplier"] < 1
     last = report["shapes"]["one_wording"]["routers"]["gaussian"]["tradeoff_last_stage"]
     caught = [p["unknown_caught_general"] for p in last]  # a lower threshold catches more, rejects more
-    assert caught == sorted(caught, reverse=True) and caught[0] > caught[-1]
+    rejected = [p["false_rejection_seen"] for p in last]
+    assert caught == sorted(caught, reverse=True) and rejected == sorted(rejected, reverse=True)
+    assert rejected[0] > rejected[-1]
     text = (out / "report.md").read_text()
     assert "| `gaussian` |" in text and "Trade-off of `gaussian`" in text and "Trade-off after the last stage" in text
     assert (out / "routing.png").stat().st_size > 0
@@ -205,16 +207,24 @@ def test_a_task_of_a_few_rows_swallows_no_unknown_requests(rows):
     assert (switch.unknown_score(big) <= 1).float().mean() >= 0.9  # the big task's region is not narrowed away
 
 
-def test_variants_drop_cut_and_move_the_instruction_whatever_the_rows_shape():
+def test_variants_drop_cut_move_unlabel_and_half_word_the_instruction_whatever_the_rows_shape():
     multi_line = "Given the text:\n\n===\n\nThe cat sat.\nIt slept."
     assert segments(multi_line) == ["Given the text:", "The cat sat.", "It slept."]
     assert segments("Spell out this number in words: 41") == ["Spell out this number in words:", "41"]
     assert variants("Spell out this number in words: 41") == [
         "41", "Spell out this number in words:", "41\n\nSpell out this number in words:"]
     assert variants("hello there") == [] and variants("") == []
+    instruction, premise = "Explain why these entail each other.", "A man in a red coat sleeps on a park bench."
+    labelled = f"{instruction}\nPremise: {premise}\nHypothesis: A man rests."
+    made = variants(labelled)
+    assert f"{instruction}\n{premise}\nA man rests." in made  # the field labels dropped
+    half_worded = made[-1].split("\n")
+    assert half_worded[1] == f"Premise: {premise}"  # the longest segment, the input, is kept whole
+    assert set(half_worded[0].split()) < set(instruction.split())
+    assert variants(labelled) == made and len(made) == 5  # seeded by the prompt: the same variants every time
     prompts = [f"Reverse these words: a{i} b{i}" for i in range(300)]
     texts, owner = prompt_variants(prompts, seed=1, limit=256)
-    assert len(set(owner)) == 256 and len(texts) == 3 * 256  # a bounded, seeded sample of the rows
+    assert len(set(owner)) == 256 and 3 * 256 < len(texts) <= 4 * 256  # a bounded, seeded sample of the rows
     assert all(texts[k] in variants(prompts[i]) for k, i in enumerate(owner))
     assert prompt_variants(prompts, seed=1) == prompt_variants(prompts, seed=1)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import SwitchcitError
-from .gaussian import Calibration, GaussianSwitch, TaskStats, calibrate
+from .gaussian import Calibration, GaussianSwitch, TaskStats, calibrate, task_stats
 from .settings import check_ranges, knob
 from .switch import Switch, SwitchConfig, cosine_distance, train_switch
 from .variants import rows_and_variants
@@ -115,14 +115,15 @@ def remember(features: torch.Tensor, memory: MemoryConfig, switch: SwitchConfig,
              variants: tuple[torch.Tensor, torch.Tensor] | None = None) -> TaskMemory:
     """What the store keeps of a new task: it depends on that task alone. `wordings` (each row's
     instruction, where known) and `variants` (variants.encode_variants of its prompts) let the fallback
-    calibrate on held-out wordings and on the variants of held-out rows."""
+    calibrate on held-out wordings and on the variants of held-out rows; the variants also count in the
+    task's statistics (gaussian.task_stats)."""
     centroid, radius = fit_region(features, switch.false_rejection, memory.seed, variants)
     retained = select_memory(features, memory)
     if switch.kind != "gaussian":
         return TaskMemory(retained, centroid, radius)
     calibration = calibrate(features, switch.unknown_shrinkage, switch.false_rejection, memory.seed, wordings,
                             variants)
-    return TaskMemory(retained, centroid, radius, TaskStats.of(features), calibration)
+    return TaskMemory(retained, centroid, radius, task_stats(features, variants), calibration)
 
 
 def build_switch(memories: dict[str, TaskMemory], config: SwitchConfig,

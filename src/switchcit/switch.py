@@ -39,11 +39,11 @@ class SwitchConfig:
                               f"{DEFAULT_ROUTER} for a new store)", choices=ROUTERS)
     shrinkage: float = knob(0.2, low=0, high=1)  # gaussian: weight of the identity in the classifier's covariance
     unknown_shrinkage: float = knob(0.8, low=0, high=1)  # gaussian: the same for the fallback's task regions
-    false_rejection: float = knob(0.05, "--false-rejection", "share of a task's held-out prompts and their "
-                                  "variants (instruction dropped, cut or moved) outside its region; the "
-                                  "unknown-request fallback sends fewer of its real new prompts to the base model "
-                                  "(about 2%% on CIT)", low=0, high=1, open_low=True)
-    background_margin: float = knob(20.0, "--background-margin", "gaussian: how much nearer (in squared distance) "
+    false_rejection: float = knob(0.05, "--false-rejection", "share of a task's held-out prompts, and of their "
+                                  "variants (instruction dropped, cut, moved, unlabelled or half-worded), outside its "
+                                  "region; the unknown-request fallback sends fewer of its real new prompts to the "
+                                  "base model (about 3%% on CIT)", low=0, high=1, open_low=True)
+    background_margin: float = knob(10.0, "--background-margin", "gaussian: how much nearer (in squared distance) "
                                     "a request must be to everyday requests than to its nearest task to go to the "
                                     "base model; larger keeps more requests on the tasks", low=0)
     hidden: int = knob(200, low=1)

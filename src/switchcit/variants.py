@@ -1,12 +1,16 @@
-"""Variants of a task's training prompts: the same request with its instruction dropped, cut or moved.
+"""Variants of a task's training prompts: the same request with its instruction dropped, cut, moved,
+unlabelled or half-worded.
 
 Why: users word a task in ways its rows never show, and most rows come with one wording, or with the
 input inside the instruction so no wording repeats. The switch's fallback has to know how far a new
 wording may lie from a task before it calls a request unknown, and no held-out row can tell it: every
 held-out row is worded like the rows it was held out from. A variant changes exactly what a new wording
-changes, the instruction's text and place, and keeps the input, whatever the row's shape. The fallback
-calibrates each task's region on held-out rows and their variants (gaussian.calibrate); the variants
-are encoded once at `learn` and only their statistics are kept, never their text.
+changes, the instruction's text and place, and keeps the input, whatever the row's shape. The variants
+count as the task's own prompts in its statistics (gaussian.task_stats), so the switch learns which
+directions a wording moves along, and its fallback calibrates each task's region on held-out rows and
+their variants (gaussian.calibrate). They are encoded once at `learn`; only statistics are kept, never text.
+Five kinds, each chosen by holding it out and routing it with the others (issue 18): a kind held out
+routes 92% right with all five in the statistics, 91% with the first three, 91% with none.
 
 A prompt is cut into segments at line breaks, or, when it is one line, after sentence ends and colons
 ("Spell out this number in words: 41" -> the instruction and "41"); a prompt of one segment has no
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import random
 import re
+import zlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -25,6 +30,7 @@ if TYPE_CHECKING:
 
 LINE_BREAK = re.compile(r"\n")
 SENTENCE_END = re.compile(r"(?<=[.?!:;])\s+(?=\S)")
+FIELD_LABEL = re.compile(r"^[A-Za-z][A-Za-z0-9 '()/-]{0,30}?:\s+(?=\S)")  # "Premise: ", "Sentence 1: "
 RULE = re.compile(r"[=\-#*_~ ]+")  # separator lines such as "===" carry no text
 MAX_PROMPTS = 256  # rows whose variants are encoded: enough to calibrate, bounded cost for large tasks
 
@@ -38,13 +44,31 @@ def segments(prompt: str) -> list[str]:
     return [s.strip() for s in SENTENCE_END.split(prompt) if s.strip()]
 
 
-def variants(prompt: str) -> list[str]:
-    """Without its first segment, without its last, and with its first segment moved to the end."""
+def named_variants(prompt: str) -> dict[str, str]:
+    """The prompt's variants by kind: without its first segment, without its last, with its first segment
+    moved to the end, without the field labels that open its segments, and with half the words of every
+    segment but the longest (the input) dropped, seeded by the prompt so that a prompt always has the same
+    variants. A kind that changes nothing, or repeats an earlier kind, is left out."""
     parts = segments(prompt)
     if len(parts) < 2:
-        return []
-    made = ["\n".join(parts[1:]), "\n".join(parts[:-1]), "\n\n".join(parts[1:] + parts[:1])]
-    return [v for v in dict.fromkeys(made) if v != prompt]
+        return {}
+    longest = max(range(len(parts)), key=lambda i: len(parts[i]))
+    rng = random.Random(zlib.crc32(prompt.encode()))
+    half_worded = [p if i == longest else " ".join([w for w in p.split() if rng.random() >= 0.5] or p.split()[:1])
+                   for i, p in enumerate(parts)]
+    made = {"first_dropped": "\n".join(parts[1:]), "last_dropped": "\n".join(parts[:-1]),
+            "first_moved": "\n\n".join(parts[1:] + parts[:1]),
+            "unlabelled": "\n".join(FIELD_LABEL.sub("", p) for p in parts), "half_worded": "\n".join(half_worded)}
+    found: dict[str, str] = {}
+    for kind, text in made.items():
+        if text not in (prompt, "\n".join(parts)) and text not in found.values():
+            found[kind] = text
+    return found
+
+
+def variants(prompt: str) -> list[str]:
+    """The prompt's variants (`named_variants`), in their kinds' order."""
+    return list(named_variants(prompt).values())
 
 
 def prompt_variants(prompts: list[str], seed: int = 0, limit: int = MAX_PROMPTS) -> tuple[list[str], list[int]]:

@@ -1,0 +1,174 @@
+"""Cross-validation of the Gaussian switch's defaults on training rows only (issue 18).
+
+    python benchmarks/routing_cv.py --stream cit --data-dir ../shared/data/cit [--shape as_built]
+        [--out docs/results/cit-routing-shapes] [--weights 0,0.25,0.5] [--margins 0,5,10,20]
+
+Why: the scored sets of `bench --routing-only` (rewordings, everyday requests) stand for wordings and
+requests that no one sees in advance, so no default may be tuned on them. This script chooses on what a
+store has: each task's training rows, their variants (variants.py) and the shipped background requests.
+
+- `kinds`: which kinds of variant count in a task's statistics, and at what weight (gaussian.task_stats),
+  with the classifier alone: each kind held out in turn (the task refitted without a fifth of its rows
+  and without that kind everywhere, tested on the held-out rows' variants of that kind), and each
+  training wording held out where a task has several (`held_out_kind`, `left_out_wording`, % routed right).
+- `margin`: the background margin with the full switch: the background requests in 5 folds by kind
+  (the mean of 4, the 5th scored: `background_caught`), each task refitted without a fifth of its rows
+  and scored on them and their variants (`held_out_to_base`), and each task left out as the unknown
+  (`task_left_out_caught`).
+
+Features come from the routing benchmark's cache under OUT/routing-cache (so point --out at a routing
+run to encode nothing); one JSON line per setting is printed and all of them written to OUT/routing-cv.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from switchcit.background import background_requests
+from switchcit.bench.routing import Features, encode_stream, kept_variants
+from switchcit.bench.streams import load_stream
+from switchcit.encoders import DEFAULT_ENCODER, load_encoder
+from switchcit.gaussian import pooled_precision, squared_distances, task_stats
+from switchcit.memory import MemoryConfig, build_switch, remember
+from switchcit.switch import SwitchConfig
+from switchcit.variants import named_variants, prompt_variants
+
+FOLDS = 5
+
+
+def held_out_fold(n: int) -> torch.Tensor:
+    """A boolean mask of one fifth of a task's rows, seeded."""
+    held = torch.zeros(n, dtype=torch.bool)
+    held[torch.randperm(n, generator=torch.Generator().manual_seed(1)).tensor_split(FOLDS)[0]] = True
+    return held
+
+
+def variant_kinds(prompts: list[str]) -> list[str]:
+    """The kind of each variant, in the order `prompt_variants` makes them."""
+    _, owner = prompt_variants(prompts)
+    return [kind for i in sorted(set(owner)) for kind in named_variants(prompts[i])]
+
+
+def kinds_cv(features: Features, kinds: dict[str, list[str]], use: set[str], weight: float) -> dict:
+    order = list(features.train)
+    shrinkage = SwitchConfig().shrinkage
+
+    def stats(task: str, keep: torch.Tensor | None = None, without: str | None = None):
+        found = features.variants[task]
+        if found is None:
+            return task_stats(features.train[task], None, keep)
+        mask = torch.tensor([k in use and k != without for k in kinds[task]], dtype=torch.bool)
+        return task_stats(features.train[task], (found[0][mask], found[1][mask]), keep, weight)
+
+    def share_right(by_task: dict, task: str, x: torch.Tensor) -> tuple[int, int]:
+        labels = list(by_task)
+        means = torch.stack([by_task[t].mean for t in labels])
+        nearest = squared_distances(x, means, pooled_precision(list(by_task.values()), shrinkage)).argmin(dim=1)
+        return sum(labels[i] == task for i in nearest.tolist()), len(x)
+
+    full = {t: stats(t) for t in order}
+    right = total = 0
+    for task in order:
+        wordings = features.wordings[task]
+        distinct = sorted({w for w in wordings if w is not None})
+        for wording in distinct if len(distinct) >= 2 else []:
+            held = torch.tensor([w == wording for w in wordings])
+            hits, n = share_right({**full, task: stats(task, ~held)}, task, features.train[task][held])
+            right, total = right + hits, total + n
+    left_out_wording = round(100 * right / total, 1) if total else None
+    per_kind = []
+    for kind in sorted({k for ks in kinds.values() for k in ks}):
+        without = {t: stats(t, without=kind) for t in order}
+        right = total = 0
+        for task in order:
+            found = features.variants[task]
+            if found is None:
+                continue
+            held = held_out_fold(len(features.train[task]))
+            of_kind = torch.tensor([k == kind for k in kinds[task]], dtype=torch.bool) & held[found[1]]
+            hits, n = share_right({**without, task: stats(task, ~held, kind)}, task, found[0][of_kind])
+            right, total = right + hits, total + n
+        if total:
+            per_kind.append(100 * right / total)
+    return {"held_out_kind": round(sum(per_kind) / len(per_kind), 1), "left_out_wording": left_out_wording}
+
+
+def margin_cv(features: Features, background: torch.Tensor, categories: list[str], margin: float) -> dict:
+    order = list(features.train)
+    switch = replace(SwitchConfig(), background_margin=margin)
+    memory = MemoryConfig()
+    memories = {t: remember(features.train[t], memory, switch, features.wordings[t], features.variants[t])
+                for t in order}
+
+    def to_base(mems: dict, x: torch.Tensor, mean: torch.Tensor) -> list[bool]:
+        return (build_switch(mems, switch, background=mean).unknown_score(x) > 1).tolist()
+
+    kinds = sorted(set(categories))
+    random.Random(0).shuffle(kinds)
+    fold_of = torch.tensor([kinds.index(c) % FOLDS for c in categories])
+    caught = [sum(to_base(memories, background[fold_of == k], background[fold_of != k].mean(dim=0))) /
+              int((fold_of == k).sum()) for k in range(FOLDS)]
+    full_mean = background.mean(dim=0)
+    rejected = total = 0
+    for task in order:
+        held = held_out_fold(len(features.train[task]))
+        wordings = [w for w, h in zip(features.wordings[task], held.tolist()) if not h]
+        kept = kept_variants(features, task, held)
+        refit = {**memories, task: remember(features.train[task][~held], memory, switch,
+                                            wordings if features.wordings[task] else None, kept)}
+        x = features.train[task][held]
+        if features.variants[task] is not None:
+            x = torch.cat([x, features.variants[task][0][held[features.variants[task][1]]]])
+        found = to_base(refit, x, full_mean)
+        rejected, total = rejected + sum(found), total + len(found)
+    left_out = [sum(to_base({u: m for u, m in memories.items() if u != t}, features.train[t], full_mean)) /
+                len(features.train[t]) for t in order] if len(order) > 1 else []
+    return {"background_caught": round(100 * sum(caught) / FOLDS, 1),
+            "held_out_to_base": round(100 * rejected / total, 1),
+            "task_left_out_caught": round(100 * sum(left_out) / len(left_out), 1) if left_out else None}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--stream", default="cit")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--shape", default="as_built")
+    parser.add_argument("--train-examples", type=int, default=500)
+    parser.add_argument("--eval-examples", type=int, default=300, help="as the routing run whose cache is reused")
+    parser.add_argument("--out", type=Path, default=Path("runs/routing-cv"))
+    parser.add_argument("--weights", default="0,0.25,0.5")
+    parser.add_argument("--margins", default="0,5,10,20")
+    args = parser.parse_args()
+
+    stream = load_stream(args.stream, args.data_dir, args.train_examples, args.eval_examples, 0, args.shape)
+    encoder = load_encoder(DEFAULT_ENCODER)
+    features = encode_stream(stream, encoder.encode, args.out / "routing-cache")
+    kinds = {t.name: variant_kinds(t.train.prompts) for t in stream.tasks}
+    every = sorted({k for ks in kinds.values() for k in ks})
+    rows = []
+    for weight in [float(w) for w in args.weights.split(",")]:
+        for use in ([every] if weight == 0 else [every] + [[k for k in every if k != drop] for drop in every]):
+            rows.append({"study": "kinds", "weight": weight, "kinds": use if weight else [],
+                         **kinds_cv(features, kinds, set(use), weight)})
+            print(json.dumps(rows[-1]), flush=True)
+            if weight == 0:
+                break
+    requests = background_requests()
+    background = encoder.encode([r["text"] for r in requests]).double()
+    for margin in [float(m) for m in args.margins.split(",")]:
+        rows.append({"study": "margin", "margin": margin,
+                     **margin_cv(features, background, [r["category"] for r in requests], margin)})
+        print(json.dumps(rows[-1]), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "routing-cv.json").write_text(json.dumps({"stream": args.stream, "shape": args.shape,
+                                                          "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
