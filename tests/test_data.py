@@ -156,6 +156,21 @@ def test_every_format_and_shape_reads_the_rows_of_its_jsonl(tmp_path, capsys):
         assert shape in progress
 
 
+def test_each_file_of_a_folder_has_its_own_shape(tmp_path, capsys):
+    """A folder of exports from different tools: each file's shape comes from its own first row."""
+    reference = load_examples(write_jsonl(tmp_path / "ref.jsonl", ROWS))
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    write_rows(folder / "a.jsonl", ROWS[:1])
+    write_rows(folder / "b.parquet", _chat(ROWS[1:2]))
+    write_rows(folder / "c.csv", _prompt_completion(ROWS[2:]))
+    examples = load_examples(folder, progress=True)
+    assert [(e.prompt, e.output) for e in examples] == [(e.prompt, e.output) for e in reference]
+    progress = capsys.readouterr().err
+    assert "a.jsonl as Alpaca rows" in progress and "b.parquet as chat rows" in progress
+    assert "c.csv as prompt/completion rows" in progress
+
+
 @pytest.mark.parametrize("rows, columns, message", [
     ([{"question": "q", "answer": "a", "id": 1}], None,
      r"d.jsonl:1: unknown row shape; columns found: question, answer, id: name them, e\.g\. "

@@ -259,24 +259,25 @@ def _mixed(shape: Shape | None, row: object) -> str | None:
     if shape is None or not isinstance(row, dict) or row.get(shape.columns[SHAPES[shape.kind].key]) is not None:
         return None
     others = [k for k in _kinds(row) if k != shape.kind]
-    return (f"mixed shapes: {SHAPES[others[0]].label} here, {shape.label} from the first row: give one shape per "
-            "file") if others else None
+    return (f"mixed shapes: {SHAPES[others[0]].label} here, {shape.label} from the file's first row: give one "
+            "shape per file") if others else None
 
 
 def read_examples(source: str | Path, require_output: bool = True, columns: str | dict[str, str] | None = None,
                   progress: bool = False) -> Iterator[tuple[Where, dict, Example]]:
-    """(where, row, example) for every row of a data source (see `formats.read_rows`), the shape detected from
-    the first row and named on the progress line; errors name the file and row."""
+    """(where, row, example) for every row of a data source (see `formats.read_rows`), each file's shape detected
+    from its first row and named on the progress line; errors name the file and row."""
     from tqdm.auto import tqdm
 
     named = parse_columns(columns) if isinstance(columns, str) else dict(columns or {})
     shape: Shape | None = None
+    shape_of = None  # the file the shape was detected in: each file of a folder may have its own shape
     with tqdm(read_rows(source), desc=f"read {source}", unit=" rows", disable=not progress) as rows:
         for where, row in rows:
             try:
-                if shape is None:
-                    shape = detect_shape(row, named, require_output)
-                    rows.set_description(f"read {source} as {shape.label}")
+                if where.source != shape_of:
+                    shape, shape_of = detect_shape(row, named, require_output), where.source
+                    rows.set_description(f"read {where.source} as {shape.label}")
                 example = shape.parse(row, require_output)
             except ValueError as exc:
                 raise SwitchcitError(f"{where}: {_mixed(shape, row) or exc}") from None

@@ -50,9 +50,12 @@ class ContinuousEngine(Engine):
                     self.batcher.step()
                     if self.batcher.running:
                         self.metrics.batch_size.observe(len(self.batcher.running))
-                self._gauge()
             except Exception as exc:
                 self._recover(exc)
+            try:  # the gauges only read the batch: their failure leaves every row sound, so it fails none
+                self._gauge()
+            except Exception:
+                log.exception("updating the batch's gauges failed; the rows go on")
 
     def _recover(self, exc: Exception) -> None:
         """A failure that no guard of the batch absorbed: the batch's state is unknown, so its rows fail (500)
