@@ -9,8 +9,8 @@ changes, the instruction's text and place, and keeps the input, whatever the row
 count as the task's own prompts in its statistics (gaussian.task_stats), so the switch learns which
 directions a wording moves along, and its fallback calibrates each task's region on held-out rows and
 their variants (gaussian.calibrate). They are encoded once at `learn`; only statistics are kept, never text.
-Five kinds, each chosen by holding it out and routing it with the others (issue 18): a kind held out
-routes 92% right with all five in the statistics, 91% with the first three, 91% with none.
+Five kinds; held out one at a time (benchmarks/routing_cv.py), a kind of CIT's variants routes 91.5% right
+with the other four in the statistics, 90.0% with none (issue 18).
 
 A prompt is cut into segments at line breaks, or, when it is one line, after sentence ends and colons
 ("Spell out this number in words: 41" -> the instruction and "41"); a prompt of one segment has no
