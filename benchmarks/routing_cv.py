@@ -37,7 +37,7 @@ from switchcit.encoders import DEFAULT_ENCODER, load_encoder
 from switchcit.gaussian import pooled_precision, squared_distances, task_stats
 from switchcit.memory import MemoryConfig, build_switch, remember
 from switchcit.switch import SwitchConfig
-from switchcit.variants import named_variants, prompt_variants
+from switchcit.variants import named_variants, prompt_variants, rows_and_variants
 
 FOLDS = 5
 
@@ -122,9 +122,7 @@ def margin_cv(features: Features, background: torch.Tensor, categories: list[str
         kept = kept_variants(features, task, held)
         refit = {**memories, task: remember(features.train[task][~held], memory, switch,
                                             wordings if features.wordings[task] else None, kept)}
-        x = features.train[task][held]
-        if features.variants[task] is not None:
-            x = torch.cat([x, features.variants[task][0][held[features.variants[task][1]]]])
+        x = rows_and_variants(features.train[task], held.nonzero()[:, 0], features.variants[task])
         found = to_base(refit, x, full_mean)
         rejected, total = rejected + sum(found), total + len(found)
     left_out = [sum(to_base({u: m for u, m in memories.items() if u != t}, features.train[t], full_mean)) /

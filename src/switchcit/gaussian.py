@@ -42,11 +42,17 @@ class TaskStats:
     scatter: torch.Tensor  # [dim, dim], float64
 
     @classmethod
-    def of(cls, features: torch.Tensor) -> TaskStats:
+    def of(cls, features: torch.Tensor, weights: torch.Tensor | None = None) -> TaskStats:
+        """The statistics of these features, each counted `weights` times (once where not given)."""
         x = features.double()
-        mean = x.mean(dim=0)
+        if weights is None:
+            mean = x.mean(dim=0)
+            centred = x - mean
+            return cls(len(x), mean, centred.T @ centred)
+        w = weights.double()[:, None]
+        mean = (w * x).sum(dim=0) / w.sum()
         centred = x - mean
-        return cls(len(x), mean, centred.T @ centred)
+        return cls(round(w.sum().item()), mean, (w * centred).T @ centred)
 
 
 VARIANT_WEIGHT = 0.25  # a variant counts as a quarter of a row: chosen by benchmarks/routing_cv.py
@@ -68,11 +74,8 @@ def task_stats(features: torch.Tensor, variants: tuple[torch.Tensor, torch.Tenso
         return TaskStats.of(rows)
     view_features, owner = variants
     extra = view_features if keep is None else view_features[keep[owner]]
-    x = torch.cat([rows.double(), extra.double()])
-    weights = torch.cat([torch.ones(len(rows)), torch.full((len(extra),), weight)]).double()
-    mean = (weights[:, None] * x).sum(dim=0) / weights.sum()
-    centred = x - mean
-    return TaskStats(round(weights.sum().item()), mean, (weights[:, None] * centred).T @ centred)
+    return TaskStats.of(torch.cat([rows.double(), extra.double()]),
+                        torch.cat([torch.ones(len(rows)), torch.full((len(extra),), weight)]))
 
 
 def pooled_precision(stats: list[TaskStats], shrinkage: float) -> torch.Tensor:
@@ -162,7 +165,7 @@ def calibrate(features: torch.Tensor, shrinkage: float, false_rejection: float, 
         # measured against the kept rows alone: against their variants too, a held-out variant is a kind of
         # change the task has already seen, and the regions came out so tight that a third of the new
         # wordings of tasks whose rows carry their input went to base (tests/test_routing.py)
-        rest = task_stats(features, None, keep if keep.any() else None)
+        rest = TaskStats.of(features[keep] if keep.any() else features)
         test = rows_and_variants(features, fold, variants).double()
         centred = test - rest.mean
         moments = moments + centred.T @ centred
