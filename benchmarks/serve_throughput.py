@@ -28,7 +28,7 @@ Two more measurements run instead, on the continuous engine, when asked:
 
     python benchmarks/serve_throughput.py [--json] [--store DIR] [--model M] [--requests N] [--concurrency C]
     python benchmarks/serve_throughput.py --burst 1000 [--json] [--store DIR]
-    python benchmarks/serve_throughput.py --long-prompt 48000 [--json] [--store DIR]
+    python benchmarks/serve_throughput.py --long-prompt 48000 [--json] [--store DIR] [--prefill-tokens N]
 """
 
 from __future__ import annotations
@@ -146,19 +146,24 @@ def prompts_of_demo() -> list[str]:
     return [e.prompt for _, test in demo_stream(n_train=1, n_test=50, seed=1) for e in test.examples]
 
 
-def measure_mixed(store: Path, model: str | None, engine: str, adapters: int) -> dict:
-    config = ServeConfig(str(store), model=model, engine=engine, max_tokens=200)
-    app = create_app(config)
-    tasks, prompts = app.state.engine.cm.task_names[:adapters], prompts_of_demo()
-    if len(tasks) < adapters:
-        raise SystemExit(f"the store has {len(tasks)} tasks, fewer than --adapters {adapters}: give a lower --adapters")
+def serve_config(store: Path, args: argparse.Namespace, **settings) -> ServeConfig:
+    """The server's settings for one measurement: the command line's model and prefill budget, and `settings`."""
+    return ServeConfig(str(store), model=args.model, prefill_tokens=args.prefill_tokens, **settings)
+
+
+def measure_mixed(store: Path, args: argparse.Namespace, engine: str) -> dict:
+    app = create_app(serve_config(store, args, engine=engine, max_tokens=200))
+    tasks, prompts = app.state.engine.cm.task_names[:args.adapters], prompts_of_demo()
+    if len(tasks) < args.adapters:
+        raise SystemExit(f"the store has {len(tasks)} tasks, fewer than --adapters {args.adapters}: give a lower "
+                         "--adapters")
     with serve_in_thread(app) as url:
         return {**asyncio.run(mixed(url, tasks, prompts)), **asyncio.run(short_during_long(url))}
 
 
-def measure(store: Path, model: str | None, max_batch_size: int, args: argparse.Namespace) -> float:
+def measure(store: Path, args: argparse.Namespace, max_batch_size: int) -> float:
     prompts = prompts_of_demo()
-    config = ServeConfig(str(store), model=model, max_batch_size=max_batch_size, max_tokens=args.max_tokens)
+    config = serve_config(store, args, max_batch_size=max_batch_size, max_tokens=args.max_tokens)
     with serve_in_thread(create_app(config)) as url:
         asyncio.run(load(url, prompts, args.concurrency, args.concurrency, args.max_tokens))  # warm-up
         return asyncio.run(load(url, prompts, args.requests, args.concurrency, args.max_tokens))
@@ -237,8 +242,8 @@ def send_burst(url: str, prompts: list[str], n: int) -> dict:
     return {"start": start, "end": time.monotonic(), "outcomes": dict(outcomes)}
 
 
-def measure_burst(store: Path, model: str | None, n: int) -> dict:
-    config = ServeConfig(str(store), model=model, max_tokens=4000)
+def measure_burst(store: Path, args: argparse.Namespace, n: int) -> dict:
+    config = serve_config(store, args, max_tokens=4000)
     app = create_app(config)
     clock = StepClock(app)
     with serve_in_thread(app) as url:
@@ -254,11 +259,11 @@ def measure_burst(store: Path, model: str | None, n: int) -> dict:
             **clock.gaps(burst["start"], burst["end"])}
 
 
-def measure_long_prompt(store: Path, model: str | None, tokens: int) -> dict:
+def measure_long_prompt(store: Path, args: argparse.Namespace, tokens: int) -> dict:
     from switchcit.data import encode_prompt
 
-    config = ServeConfig(str(store), model=model, max_tokens=4000, max_prompt_tokens=tokens + 64,
-                         max_prompt_chars=40 * tokens, max_kv_tokens=3 * (tokens + 4000))
+    config = serve_config(store, args, max_tokens=4000, max_prompt_tokens=tokens + 64,
+                          max_prompt_chars=40 * tokens, max_kv_tokens=3 * (tokens + 4000))
     app = create_app(config)
     clock = StepClock(app)
     tokenizer, words = app.state.engine.cm.tokenizer, " ".join(prompts_of_demo())
@@ -309,6 +314,8 @@ def main() -> None:
     parser.add_argument("--long-prompt", type=int, default=None, metavar="TOKENS",
                         help="only measure a prompt of TOKENS tokens read beside running answers")
     parser.add_argument("--adapters", type=int, default=4, help="adapters the mixed workload is spread over")
+    parser.add_argument("--prefill-tokens", type=int, default=ServeConfig.prefill_tokens,
+                        help="the servers' --prefill-tokens (default: serve's)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="switchcit-serve-bench-") as tmp:
@@ -318,13 +325,13 @@ def main() -> None:
             print(f"building a {args.adapters}-task demo store ...", file=sys.stderr, flush=True)
             build_store(store, args.model, args.adapters)
         if args.burst or args.long_prompt:
-            result = (measure_burst(store, args.model, args.burst) if args.burst
-                      else measure_long_prompt(store, args.model, args.long_prompt))
+            result = (measure_burst(store, args, args.burst) if args.burst
+                      else measure_long_prompt(store, args, args.long_prompt))
             print(json.dumps(result) if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()))
             return
-        batched = measure(store, args.model, args.max_batch_size, args)
-        sequential = measure(store, args.model, 1, args)
-        engines = {engine: measure_mixed(store, args.model, engine, args.adapters)
+        batched = measure(store, args, args.max_batch_size)
+        sequential = measure(store, args, 1)
+        engines = {engine: measure_mixed(store, args, engine)
                    for engine in ("continuous", "static")}
     result = {"batched_rps": round(batched, 2), "sequential_rps": round(sequential, 2),
               "ratio": round(batched / sequential, 2), "adapters": args.adapters, **engines}

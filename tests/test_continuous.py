@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from switchcit.batching import Batcher, Sequence
+from switchcit.batching import Batcher, Sequence, chunk_length, key_cost
 from switchcit.continual import ContinualModel
 from switchcit.data import encode_prompt
 from switchcit.detokenize import IncrementalText
@@ -75,6 +75,20 @@ def test_a_long_prompt_is_read_in_chunks_while_running_rows_decode(cm, stream):
     batcher.drain()
     assert (second.output, second.generated) == alone(cm, long, "initials", 4)[:2]
     assert (first.output, first.generated) == alone(cm, short, "base", 30)[:2]
+
+
+def test_chunks_shrink_deep_in_a_long_prompt_so_each_costs_what_one_from_the_start_does(cm):
+    cost = key_cost(cm.adapters.base)
+    assert 0 < cost < 1
+
+    def work(columns: int, done: int) -> float:  # a chunk's cost: its columns, and the keys each attends to
+        return columns * (1 + cost * (done + columns / 2))
+
+    lengths = [chunk_length(64, done, cost) for done in (0, 100, 1000, 10000)]
+    assert lengths[0] == 64 and lengths == sorted(lengths, reverse=True) and lengths[-1] < 64 / 4
+    for done, columns in zip((0, 100, 1000, 10000), lengths):
+        assert work(columns, done) <= work(64, 0) * (1 + 1e-9) < work(columns + 1, done)
+    assert chunk_length(64, 10000, 0.0) == 64 and chunk_length(0.5, 10000, cost) == 1
 
 
 def test_stop_strings_end_a_row_and_are_never_sent(cm, stream):

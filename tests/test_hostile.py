@@ -655,7 +655,7 @@ def test_a_full_disk_at_any_point_is_one_line_and_keeps_the_store(store_copy, tm
     """Each limit fails a different write of learn: PEFT's model card (OSError), the adapter (safetensors' os error
     27), the optimizer state (torch.save's inline_container enforce fail), the memory, the switch. Each is one
     line and keeps what was committed (a failed commit takes back what it wrote); export and import leave nothing
-    behind."""
+    behind; a forget that cannot write keeps the task."""
     def committed_state():  # all but the checkpoints that --resume continues from
         return {k: v for k, v in snapshot(store_copy).items() if not k.startswith(".checkpoints/")}
 
@@ -677,6 +677,9 @@ def test_a_full_disk_at_any_point_is_one_line_and_keeps_the_store(store_copy, tm
     assert "nothing was imported" in proc.stderr and ".import-" not in proc.stderr
     assert sorted(p.name for p in work.iterdir()) == ["good.tar"]
     assert committed_state() == committed
+    proc = _cli_limited(200, "forget", "--store", store_copy, "--task", stream[0][0].name)
+    one_line_error(proc, "File too large")
+    assert "the store keeps its last committed state" in proc.stderr and committed_state() == committed
 
 
 def test_resume_continues_only_the_same_run(store_copy, tmp_path, stream, tiny_model):

@@ -1,12 +1,17 @@
 """Continuous (iteration-level) batching: a running batch of sequences, each with its own adapter.
 
 Every `step` drops cancelled sequences, admits waiting ones within the row and KV-cache budgets and
-prefills them (at most `prefill_tokens` prompt tokens per step, so a long prompt stalls the running rows
+prefills them (about `prefill_tokens` prompt tokens per step, so a long prompt stalls the running rows
 by one chunk at most; while a long prompt is read over many steps, newer short ones are read beside it
 and start decoding), decodes one token for every running row and retires the rows that are done. A
 request joins at the next step and leaves the moment it ends, instead of waiting for a whole static batch.
 Each phase of a step is guarded: a failure the forward's per-row retry does not absorb ends the rows
 that phase was working on, with the error, and the batch goes on with the others.
+
+A chunk read deep into a long prompt attends to every key before it, so it costs more than one read at
+the start: chunks shrink with their position (`chunk_length`), so that each costs about what
+`prefill_tokens` tokens read from the start would, and a step's stall stays bounded in time, not only in
+tokens.
 
 Rows share one left-padded KV cache with explicit positions: adding rows concatenates along the batch
 (padding the shorter side on the left), removing them indexes it. Each forward wraps our tensors in a
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -125,6 +131,7 @@ class Batcher:
         self.pool, self.max_batch_size = pool, max_batch_size
         self.max_kv_tokens, self.prefill_tokens = max_kv_tokens, prefill_tokens
         self.device = next(pool.model.parameters()).device
+        self.key_cost = key_cost(pool.base)
         forward = inspect.signature(pool.base.forward).parameters  # transformers renamed it in 5.x
         self._cache_kwarg = "cache" if "cache" in forward else "past_key_values"
         self.waiting: deque[Sequence] = deque()
@@ -238,7 +245,7 @@ class Batcher:
     def _read_prompts(self, p: _Prefill, budget: int) -> _Rows | None:
         """One chunk of a prefill (about `budget` tokens over its rows); once its prompts are read, their first
         tokens, and the rows that go on, ready to join the batch."""
-        end = min(p.ids.shape[1], p.done + max(1, budget // len(p.seqs)))
+        end = min(p.ids.shape[1], p.done + chunk_length(budget / len(p.seqs), p.done, self.key_cost))
         logits = self._forward(p, p.ids[:, p.done:end], p.positions[:, p.done:end])
         p.done = end
         if not p.seqs or end < p.ids.shape[1]:
@@ -371,6 +378,33 @@ class Batcher:
                 seq.on_done(seq)
         except Exception:
             log.exception("a sequence's end callback failed")
+
+
+def key_cost(model: torch.nn.Module) -> float:
+    """What attending to one cached key costs a new token, as a share of what the token's pass through the
+    weights costs: 2 x layers x heads x head_dim multiply-adds against one per weight outside the embeddings.
+    0 (chunks by tokens alone) for a model whose config does not say its attention's shape."""
+    config = model.config
+    try:
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        embeddings = {id(w) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None
+                      for w in m.parameters()}
+        weights = sum(w.numel() for w in model.parameters() if id(w) not in embeddings)
+        return 2 * config.num_hidden_layers * heads * head_dim / weights
+    except (AttributeError, TypeError, ZeroDivisionError):
+        return 0.0
+
+
+def chunk_length(tokens: float, done: int, key_cost: float) -> int:
+    """Prompt columns to read in one step after `done` are read: as many as cost what `tokens` columns read
+    from the start would. A column costs 1 + key_cost x the keys it attends to (`done` + half the chunk, on
+    average), so the chunk is the root of c x (1 + key_cost x (done + c/2)) = that cost; at the start, `tokens`."""
+    if key_cost <= 0:
+        return max(1, int(tokens))
+    cost = tokens * (1 + key_cost * tokens / 2)
+    start = 1 + key_cost * done
+    return max(1, math.floor((math.sqrt(start * start + 2 * key_cost * cost) - start) / key_cost + 1e-6))
 
 
 def _joined(a: _Rows, b: _Rows) -> _Rows:

@@ -153,14 +153,14 @@ class ContinualModel:
             self.manifest = self.store.read()
             if name not in self.task_names and not self.store.leftovers(name):
                 raise SwitchcitError(f"task '{name}' is not in store {root}: known are {self.task_names}")
-            with self.store.owning(name):
-                self.store.drop_checkpoints(name)
-                self.store.drop_logs(name)
+            with self.store.owning(name):  # the commit first: a forget that fails to write keeps the task whole
                 if name in self.task_names:
                     self.manifest, self._switch = commit(self.store, self.manifest,
                                                          [t for t in self.tasks if t.name != name],
                                                          self.switch_config, {}, self._background(False),
                                                          keep_previous=False)
+                self.store.drop_checkpoints(name)
+                self.store.drop_logs(name)
         self.refresh()
 
     def _background(self, make: bool) -> torch.Tensor | None:

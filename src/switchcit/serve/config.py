@@ -28,8 +28,10 @@ class ServeConfig:
     max_batch_size: int = knob(32, "--max-batch-size", "most sequences generated at once (1: no batching)", low=1)
     max_kv_tokens: int = knob(32768, "--max-kv-tokens", "continuous engine: most KV-cache cells, running rows x the "
                               "longest prompt + max_tokens among them; past it requests queue", low=1)
-    prefill_tokens: int = knob(512, "--prefill-tokens", "continuous engine: most prompt tokens read per step (longer "
-                               "prompts are read in chunks between decoding steps)", low=1)
+    prefill_tokens: int = knob(512, "--prefill-tokens", "continuous engine: prompt tokens read per step (longer "
+                               "prompts are read in chunks between decoding steps, shorter deep in a long prompt "
+                               "so that each costs about as much); lower: shorter stalls, slower long prompts",
+                               low=1)
     max_queue: int = knob(256, "--max-queue", "most prompts waiting for a place in the batch, beyond the "
                           "--max-batch-size being generated; past it requests get a 429 with Retry-After", low=0)
     max_wait_ms: float = knob(10.0, "--max-wait-ms", "static engine: how long a batch waits to fill up", low=0)
