@@ -390,7 +390,9 @@ def key_cost(model: torch.nn.Module) -> float:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         embeddings = {id(w) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None
                       for w in m.parameters()}
-        weights = sum(w.numel() for w in model.parameters() if id(w) not in embeddings)
+        # PEFT's adapters sit inside the model's layers: a token's pass is the base weights'
+        weights = sum(w.numel() for name, w in model.named_parameters() if id(w) not in embeddings
+                      and "lora_" not in name)
         return 2 * config.num_hidden_layers * heads * head_dim / weights
     except (AttributeError, TypeError, ZeroDivisionError):
         return 0.0
