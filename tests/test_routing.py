@@ -152,6 +152,27 @@ def test_benchmark_default_row_is_the_library_path(trained_store, stream):
     assert [r.task for r in cm.route(prompts)] == [t if k else BASE for t, k in zip(labels, known)]
 
 
+def test_the_feature_cache_keeps_each_encoders_features_apart(tmp_path):
+    """A routing run with another --encoder into the same --out encodes anew (it read the first encoder's
+    features before), and a rerun of either encodes nothing."""
+    stream = load_stream("demo", None, 8, 4, 0)
+    stream.tasks = stream.tasks[:2]
+
+    def constant(value: float):
+        return lambda texts: torch.full((len(texts), 3), value)
+
+    def refuse(texts):
+        raise AssertionError("encoded again")
+
+    first = encode_stream(stream, constant(1.0), tmp_path, encoder="one")
+    second = encode_stream(stream, constant(2.0), tmp_path, encoder="two")
+    assert first.train[stream.tasks[0].name].unique().tolist() == [1.0]
+    assert second.train[stream.tasks[0].name].unique().tolist() == [2.0]
+    for name, features in (("one", first), ("two", second)):
+        again = encode_stream(stream, refuse, tmp_path, encoder=name)
+        assert all(torch.equal(again.train[t], features.train[t]) for t in features.train)
+
+
 def test_old_mlp_stores_keep_their_router(tmp_path, tiny_model, stream):
     root = tmp_path / "old"
     cm = ContinualModel(root, base_model=str(tiny_model), expert_config=TINY_EXPERT, progress=False,

@@ -7,6 +7,7 @@ LM id works too. The switch (switch.py, gaussian.py) only ever sees the vectors.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -91,6 +92,11 @@ class CausalLMEncoder:
         finally:
             self.tokenizer.padding_side = side
         return torch.cat(chunks)
+
+
+def slug(reference: str) -> str:
+    """An encoder reference as a file or folder name (features cached per encoder)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", reference).strip("_")[-80:]
 
 
 def load_encoder(reference: str, pool: AdapterPool | None = None, device: str = "cpu") -> Encoder:

@@ -31,12 +31,13 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..background import background_mean
 from ..continual import BASE
-from ..encoders import DEFAULT_ENCODER
+from ..encoders import DEFAULT_ENCODER, slug
 from ..errors import SwitchcitError
 from ..memory import MemoryConfig, TaskMemory, build_switch, remember
 from ..routers import fit_router
@@ -98,8 +99,9 @@ def general_requests() -> list[str]:
 
 def encode_stream(stream: Stream, encode: Callable[[list[str]], torch.Tensor], cache: Path | None,
                   seed: int = 0, encoder: str = DEFAULT_ENCODER) -> Features:
-    """Features of every prompt and of the training prompts' variants (as `learn` makes them), cached per set
-    by its prompts' content so a rerun encodes nothing; the background mean as `learn` takes it."""
+    """Features of every prompt and of the training prompts' variants (as `learn` makes them), cached per
+    encoder and per set by its prompts' content so a rerun encodes nothing; the background mean as `learn`
+    takes it."""
     import hashlib
 
     import torch
@@ -116,17 +118,18 @@ def encode_stream(stream: Stream, encode: Callable[[list[str]], torch.Tensor], c
     groups.update({f"reworded/{t.name}": [e.prompt for e in t.reworded] for t in stream.tasks if t.reworded})
     groups["others"] = other_prompts(stream)
     groups["general"] = general_requests()
-    tensors = {}
-    for name, prompts in groups.items():  # one file per set: a new or changed set encodes only itself
-        key = hashlib.sha256(json.dumps([name, prompts]).encode()).hexdigest()[:16]
-        path = cache / f"features-{key}.safetensors" if cache else None
+    def cached(name: str, texts: list[str]) -> torch.Tensor:  # one file per set: a changed set encodes only itself
+        key = hashlib.sha256(json.dumps([name, texts]).encode()).hexdigest()[:16]
+        path = cache / slug(encoder) / f"features-{key}.safetensors" if cache else None
         if path and path.exists():
-            tensors[name] = load_file(str(path))["features"]
-            continue
-        tensors[name] = encode(prompts)
+            return load_file(str(path))["features"]
+        found = encode(texts)
         if path:
             path.parent.mkdir(parents=True, exist_ok=True)
-            save_file({"features": tensors[name].contiguous()}, str(path))
+            save_file({"features": found.contiguous()}, str(path))
+        return found
+
+    tensors = {name: cached(name, prompts) for name, prompts in groups.items()}
     empty = torch.zeros(0, tensors["others"].shape[1])
     variants = {t.name: (tensors[f"variants/{t.name}"], torch.tensor(owners[t.name], dtype=torch.long))
                 if f"variants/{t.name}" in tensors else None for t in stream.tasks}
@@ -135,7 +138,7 @@ def encode_stream(stream: Stream, encode: Callable[[list[str]], torch.Tensor], c
                     {t.name: tensors[f"seen/{t.name}"] for t in stream.tasks},
                     {t.name: tensors.get(f"unseen/{t.name}", empty) for t in stream.tasks},
                     {t.name: tensors.get(f"reworded/{t.name}", empty) for t in stream.tasks},
-                    tensors["others"], tensors["general"], background_mean(encoder, encode))
+                    tensors["others"], tensors["general"], background_mean(encoder, partial(cached, "background")))
 
 
 class Fitted:

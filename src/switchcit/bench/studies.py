@@ -14,14 +14,13 @@ study (`bench --routing-only`, routing.py); what it cannot measure without answe
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..continual import ContinualModel
-from ..encoders import Encoder, load_encoder
+from ..encoders import Encoder, load_encoder, slug
 from ..errors import SwitchcitError
 from ..memory import MemoryConfig, select_memory
 from ..routers import fit_router
@@ -57,16 +56,12 @@ class StudyConfig:
 Features = dict[str, dict[str, "torch.Tensor"]]  # split ('train', 'seen', 'unseen') -> task -> [n, dim]
 
 
-def _slug(reference: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", reference).strip("_")[-80:]
-
-
 def stream_features(reference: str, make_encoder: Callable[[], Encoder], stream: Stream, folder: Path) -> Features:
     """Features of every training and evaluation prompt, cached on disk per encoder: a rerun reuses them
     without loading the encoder at all."""
     from safetensors.torch import load_file, save_file
 
-    path = folder / f"features-{_slug(reference)}.safetensors"
+    path = folder / f"features-{slug(reference)}.safetensors"
     if path.exists():
         flat = load_file(str(path))
     else:
