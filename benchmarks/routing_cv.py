@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from switchcit.background import background_requests
-from switchcit.bench.routing import Features, encode_stream, kept_variants
+from switchcit.bench.routing import Features, RoutingConfig, encode_stream, kept_variants
 from switchcit.bench.streams import load_stream
 from switchcit.encoders import DEFAULT_ENCODER, load_encoder
 from switchcit.gaussian import pooled_precision, squared_distances, task_stats
@@ -146,7 +146,7 @@ def main() -> None:
 
     stream = load_stream(args.stream, args.data_dir, args.train_examples, args.eval_examples, 0, args.shape)
     encoder = load_encoder(DEFAULT_ENCODER)
-    features = encode_stream(stream, encoder.encode, args.out / "routing-cache")
+    features = encode_stream(stream, encoder.encode, args.out / "routing-cache" / RoutingConfig().features_folder())
     kinds = {t.name: variant_kinds(t.train.prompts) for t in stream.tasks}
     every = sorted({k for ks in kinds.values() for k in ks})
     rows = []

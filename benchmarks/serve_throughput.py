@@ -146,7 +146,7 @@ def prompts_of_demo() -> list[str]:
     return [e.prompt for _, test in demo_stream(n_train=1, n_test=50, seed=1) for e in test.examples]
 
 
-def serve_config(store: Path, args: argparse.Namespace, **settings) -> ServeConfig:
+def serve_config(store: Path, args: argparse.Namespace, **settings: object) -> ServeConfig:
     """The server's settings for one measurement: the command line's model and prefill budget, and `settings`."""
     return ServeConfig(str(store), model=args.model, prefill_tokens=args.prefill_tokens, **settings)
 

@@ -77,9 +77,10 @@ def test_a_long_prompt_is_read_in_chunks_while_running_rows_decode(cm, stream):
     assert (first.output, first.generated) == alone(cm, short, "base", 30)[:2]
 
 
-def test_chunks_shrink_deep_in_a_long_prompt_so_each_costs_what_one_from_the_start_does(cm):
+def test_chunks_shrink_deep_in_a_long_prompt_so_each_costs_what_one_from_the_start_does(cm, trained_store):
     cost = key_cost(cm.adapters.base)
-    assert 0 < cost < 1
+    bare = ContinualModel(trained_store, progress=False)  # no adapter loaded: the cost is the base model's
+    assert 0 < cost < 1 and cost == key_cost(bare.adapters.base)
 
     def work(columns: int, done: int) -> float:  # a chunk's cost: its columns, and the keys each attends to
         return columns * (1 + cost * (done + columns / 2))

@@ -677,9 +677,17 @@ def test_a_full_disk_at_any_point_is_one_line_and_keeps_the_store(store_copy, tm
     assert "nothing was imported" in proc.stderr and ".import-" not in proc.stderr
     assert sorted(p.name for p in work.iterdir()) == ["good.tar"]
     assert committed_state() == committed
-    proc = _cli_limited(200, "forget", "--store", store_copy, "--task", stream[0][0].name)
+    task = stream[0][0].name  # a task with logs and a run to resume, which a failed forget must not take
+    (store_copy / "logs" / task).mkdir(parents=True, exist_ok=True)
+    (store_copy / "logs" / task / "log.jsonl").write_text("{}\n")
+    run = store_copy / ".checkpoints" / task / "0123456789abcdef"
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "trainer_state.json").write_text("{}")
+    committed = committed_state()
+    proc = _cli_limited(200, "forget", "--store", store_copy, "--task", task)
     one_line_error(proc, "File too large")
     assert "the store keeps its last committed state" in proc.stderr and committed_state() == committed
+    assert (run / "trainer_state.json").exists()
 
 
 def test_resume_continues_only_the_same_run(store_copy, tmp_path, stream, tiny_model):

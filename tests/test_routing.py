@@ -2,6 +2,7 @@
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -127,10 +128,13 @@ def test_routing_benchmark_on_the_demo_stream(tmp_path):
     text = (out / "report.md").read_text()
     assert "| `gaussian` |" in text and "Trade-off of `gaussian`" in text and "Trade-off after the last stage" in text
     assert (out / "routing.png").stat().st_size > 0
-    cached = list((out / "routing-cache").iterdir())
+    def cache_files() -> list[tuple[str, int]]:
+        return sorted((str(p), p.stat().st_mtime_ns) for p in (out / "routing-cache").rglob("*") if p.is_file())
+
+    cached = cache_files()
     routing_bench("--stream", "demo", "--routing-routers", "gaussian", "--train-examples", "40",
                   "--eval-examples", "12", "--out", str(out))
-    assert list((out / "routing-cache").iterdir()) == cached  # a rerun encodes nothing
+    assert cached and cache_files() == cached  # a rerun encodes nothing
     with pytest.raises(SwitchcitError, match="choose from"):
         routing_bench("--stream", "demo", "--routing-routers", "bogus", "--out", str(out))
 
@@ -164,13 +168,17 @@ def test_the_feature_cache_keeps_each_encoders_features_apart(tmp_path):
     def refuse(texts):
         raise AssertionError("encoded again")
 
-    first = encode_stream(stream, constant(1.0), tmp_path, encoder="one")
-    second = encode_stream(stream, constant(2.0), tmp_path, encoder="two")
+    def folder(encoder: str, model: str | None = None) -> Path:
+        return tmp_path / RoutingConfig(encoder=encoder, model=model).features_folder()
+
+    first = encode_stream(stream, constant(1.0), folder("a/b"), encoder="a/b")
+    second = encode_stream(stream, constant(2.0), folder("a_b"), encoder="a_b")  # the same name made file-safe
     assert first.train[stream.tasks[0].name].unique().tolist() == [1.0]
     assert second.train[stream.tasks[0].name].unique().tolist() == [2.0]
-    for name, features in (("one", first), ("two", second)):
-        again = encode_stream(stream, refuse, tmp_path, encoder=name)
+    for name, features in (("a/b", first), ("a_b", second)):
+        again = encode_stream(stream, refuse, folder(name), encoder=name)
         assert all(torch.equal(again.train[t], features.train[t]) for t in features.train)
+    assert folder("base", "model-one") != folder("base", "model-two")  # 'base' is each base model's state
 
 
 def test_old_mlp_stores_keep_their_router(tmp_path, tiny_model, stream):

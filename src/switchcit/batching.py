@@ -384,8 +384,8 @@ def key_cost(model: torch.nn.Module) -> float:
     """What attending to one cached key costs a new token, as a share of what the token's pass through the
     weights costs: 2 x layers x heads x head_dim multiply-adds against one per weight outside the embeddings.
     0 (chunks by tokens alone) for a model whose config does not say its attention's shape."""
-    config = model.config
     try:
+        config = model.config
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         embeddings = {id(w) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None
@@ -401,12 +401,11 @@ def key_cost(model: torch.nn.Module) -> float:
 def chunk_length(tokens: float, done: int, key_cost: float) -> int:
     """Prompt columns to read in one step after `done` are read: as many as cost what `tokens` columns read
     from the start would. A column costs 1 + key_cost x the keys it attends to (`done` + half the chunk, on
-    average), so the chunk is the root of c x (1 + key_cost x (done + c/2)) = that cost; at the start, `tokens`."""
-    if key_cost <= 0:
-        return max(1, int(tokens))
+    average), so the chunk is the root of c x (1 + key_cost x (done + c/2)) = that cost (in the form without
+    cancellation, which holds for key_cost 0 too); at the start, `tokens`."""
     cost = tokens * (1 + key_cost * tokens / 2)
     start = 1 + key_cost * done
-    return max(1, math.floor((math.sqrt(start * start + 2 * key_cost * cost) - start) / key_cost + 1e-6))
+    return max(1, math.floor(2 * cost / (start + math.sqrt(start * start + 2 * key_cost * cost)) + 1e-9))
 
 
 def _joined(a: _Rows, b: _Rows) -> _Rows:

@@ -159,6 +159,7 @@ class ContinualModel:
                                                          [t for t in self.tasks if t.name != name],
                                                          self.switch_config, {}, self._background(False),
                                                          keep_previous=False)
+                    self.refresh(self.manifest)  # its adapter goes now, even if dropping its files fails below
                 self.store.drop_checkpoints(name)
                 self.store.drop_logs(name)
         self.refresh()

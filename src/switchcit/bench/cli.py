@@ -173,7 +173,11 @@ def cmd_routing(args) -> None:
 
     s = _settings(args)
     eval_examples = args.eval_examples or ROUTING_EVAL_EXAMPLES
-    config = RoutingConfig(routers=_list(args.routing_routers), encoder=args.encoder)
+    from ..adapters import AdapterPool
+    from ..models import DEFAULT_MODEL, resolve_device
+
+    model = args.model or DEFAULT_MODEL
+    config = RoutingConfig(routers=_list(args.routing_routers), encoder=args.encoder, model=model)
     config.check()
     shapes = _list(args.shapes)
     unknown = [x for x in shapes if x not in SHAPES]
@@ -181,11 +185,8 @@ def cmd_routing(args) -> None:
         raise SwitchcitError(f"--shapes {unknown or '(none)'}: choose from {', '.join(SHAPES)}")
     streams = {shape: load_stream(s["stream"], _data_dir(args, s["stream"]), s["train_examples"], eval_examples,
                                   s["seed"], shape) for shape in shapes}
-    from ..adapters import AdapterPool
-    from ..models import DEFAULT_MODEL, resolve_device
-
     device = resolve_device(None if args.device == "auto" else args.device)
-    pool = AdapterPool(args.model or DEFAULT_MODEL, device, "float32", check=lambda model: None)  # for 'base'
+    pool = AdapterPool(model, device, "float32", check=lambda _: None)  # for 'base'
     encoder = load_encoder(args.encoder, pool, device)
     out = Path(args.out)
     command = "switchcit " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else None

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 
 from ..background import background_mean
 from ..continual import BASE
-from ..encoders import DEFAULT_ENCODER, slug
+from ..encoders import BASE_ENCODER, DEFAULT_ENCODER, slug
 from ..errors import SwitchcitError
 from ..memory import MemoryConfig, TaskMemory, build_switch, remember
 from ..routers import fit_router
@@ -57,7 +57,8 @@ CURVE = (0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.2, 1.3, 1.5, 2.0)
 @dataclass
 class RoutingConfig:
     routers: list[str] = field(default_factory=lambda: list(ROUTING_ROUTERS))
-    encoder: str = "embedded:all-MiniLM-L6-v2"
+    encoder: str = DEFAULT_ENCODER
+    model: str | None = None  # the base model, whose hidden state encoder 'base' is
     switch: SwitchConfig = field(default_factory=SwitchConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
 
@@ -65,6 +66,14 @@ class RoutingConfig:
         unknown = [r for r in self.routers if r not in ROUTING_ROUTERS]
         if unknown or not self.routers:
             raise SwitchcitError(f"routers {unknown or '(none)'}: choose from {', '.join(ROUTING_ROUTERS)}")
+
+    def features_folder(self) -> str:
+        """Where under OUT/routing-cache this encoder's features are cached: one folder per encoder (for 'base',
+        per base model), so a run with another encoder into the same --out never reads this one's."""
+        import hashlib
+
+        identity = self.encoder + (f"@{self.model}" if self.encoder == BASE_ENCODER else "")
+        return f"{slug(identity)[:60]}-{hashlib.sha256(identity.encode()).hexdigest()[:8]}"
 
 
 @dataclass
@@ -99,9 +108,9 @@ def general_requests() -> list[str]:
 
 def encode_stream(stream: Stream, encode: Callable[[list[str]], torch.Tensor], cache: Path | None,
                   seed: int = 0, encoder: str = DEFAULT_ENCODER) -> Features:
-    """Features of every prompt and of the training prompts' variants (as `learn` makes them), cached per
-    encoder and per set by its prompts' content so a rerun encodes nothing; the background mean as `learn`
-    takes it."""
+    """Features of every prompt and of the training prompts' variants (as `learn` makes them), cached in `cache`
+    (one folder per encoder: `RoutingConfig.features_folder`) per set by its prompts' content so a rerun
+    encodes nothing; the background mean as `learn` takes it."""
     import hashlib
 
     import torch
@@ -118,9 +127,10 @@ def encode_stream(stream: Stream, encode: Callable[[list[str]], torch.Tensor], c
     groups.update({f"reworded/{t.name}": [e.prompt for e in t.reworded] for t in stream.tasks if t.reworded})
     groups["others"] = other_prompts(stream)
     groups["general"] = general_requests()
+
     def cached(name: str, texts: list[str]) -> torch.Tensor:  # one file per set: a changed set encodes only itself
         key = hashlib.sha256(json.dumps([name, texts]).encode()).hexdigest()[:16]
-        path = cache / slug(encoder) / f"features-{key}.safetensors" if cache else None
+        path = cache / f"features-{key}.safetensors" if cache else None
         if path and path.exists():
             return load_file(str(path))["features"]
         found = encode(texts)
@@ -328,7 +338,8 @@ def run_routing(streams: dict[str, Stream], encode: Callable[[list[str]], torch.
     first one the headline); writes OUT/routing.json, OUT/report.md, OUT/routing.png."""
     config.check()
     started = time.time()
-    shapes = {shape: score_routers(stream, shape, encode, config, out / "routing-cache", progress)
+    cache = out / "routing-cache" / config.features_folder()
+    shapes = {shape: score_routers(stream, shape, encode, config, cache, progress)
               for shape, stream in streams.items()}
     stream, (features, results) = next(iter(streams.values())), next(iter(shapes.values()))
     order = [t.name for t in stream.tasks]
