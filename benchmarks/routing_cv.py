@@ -1,6 +1,6 @@
 """Cross-validation of the Gaussian switch's defaults on training rows only (issue 18).
 
-    python benchmarks/routing_cv.py --stream cit --data-dir ../shared/data/cit [--shape as_built]
+    python benchmarks/routing_cv.py --stream cit --data-dir ../shared/data/cit [--shape as_built] [--encoder E]
         [--out docs/results/cit-routing-shapes] [--weights 0,0.25,0.5] [--margins 0,5,10,20]
 
 Why: the scored sets of `bench --routing-only` (rewordings, everyday requests) stand for wordings and
@@ -33,8 +33,8 @@ import torch
 from switchcit.background import background_requests
 from switchcit.bench.routing import Features, RoutingConfig, encode_stream, kept_variants
 from switchcit.bench.streams import load_stream
-from switchcit.encoders import DEFAULT_ENCODER, load_encoder
-from switchcit.gaussian import pooled_precision, squared_distances, task_stats
+from switchcit.encoders import DEFAULT_ENCODER, load_encoder, views
+from switchcit.gaussian import TaskStats, pooled_precision, squared_distances, task_stats
 from switchcit.memory import MemoryConfig, build_switch, remember
 from switchcit.switch import SwitchConfig
 from switchcit.variants import named_variants, prompt_variants, rows_and_variants
@@ -55,7 +55,8 @@ def variant_kinds(prompts: list[str]) -> list[str]:
     return [kind for i in sorted(set(owner)) for kind in named_variants(prompts[i])]
 
 
-def kinds_cv(features: Features, kinds: dict[str, list[str]], use: set[str], weight: float) -> dict:
+def kinds_cv(features: Features, kinds: dict[str, list[str]], use: set[str], weight: float, routed: int) -> dict:
+    """The classifier alone, as the switch runs it: on the features' first `routed` dims (its first view)."""
     order = list(features.train)
     shrinkage = SwitchConfig().shrinkage
 
@@ -68,8 +69,9 @@ def kinds_cv(features: Features, kinds: dict[str, list[str]], use: set[str], wei
 
     def share_right(by_task: dict, task: str, x: torch.Tensor) -> tuple[int, int]:
         labels = list(by_task)
-        means = torch.stack([by_task[t].mean for t in labels])
-        nearest = squared_distances(x, means, pooled_precision(list(by_task.values()), shrinkage)).argmin(dim=1)
+        first = [TaskStats(s.count, s.mean[:routed], s.scatter[:routed, :routed]) for s in by_task.values()]
+        means = torch.stack([s.mean for s in first])
+        nearest = squared_distances(x[:, :routed], means, pooled_precision(first, shrinkage)).argmin(dim=1)
         return sum(labels[i] == task for i in nearest.tolist()), len(x)
 
     full = {t: stats(t) for t in order}
@@ -99,15 +101,16 @@ def kinds_cv(features: Features, kinds: dict[str, list[str]], use: set[str], wei
     return {"held_out_kind": round(sum(per_kind) / len(per_kind), 1), "left_out_wording": left_out_wording}
 
 
-def margin_cv(features: Features, background: torch.Tensor, categories: list[str], margin: float) -> dict:
+def margin_cv(features: Features, background: torch.Tensor, categories: list[str], margin: float,
+              views: int) -> dict:
     order = list(features.train)
     switch = replace(SwitchConfig(), background_margin=margin)
     memory = MemoryConfig()
-    memories = {t: remember(features.train[t], memory, switch, features.wordings[t], features.variants[t])
+    memories = {t: remember(features.train[t], memory, switch, features.wordings[t], features.variants[t], views)
                 for t in order}
 
     def to_base(mems: dict, x: torch.Tensor, mean: torch.Tensor) -> list[bool]:
-        return (build_switch(mems, switch, background=mean).unknown_score(x) > 1).tolist()
+        return (build_switch(mems, switch, background=mean, views=views).unknown_score(x) > 1).tolist()
 
     kinds = sorted(set(categories))
     random.Random(0).shuffle(kinds)
@@ -121,7 +124,7 @@ def margin_cv(features: Features, background: torch.Tensor, categories: list[str
         wordings = [w for w, h in zip(features.wordings[task], held.tolist()) if not h]
         kept = kept_variants(features, task, held)
         refit = {**memories, task: remember(features.train[task][~held], memory, switch,
-                                            wordings if features.wordings[task] else None, kept)}
+                                            wordings if features.wordings[task] else None, kept, views)}
         x = rows_and_variants(features.train[task], held.nonzero()[:, 0], features.variants[task])
         found = to_base(refit, x, full_mean)
         rejected, total = rejected + sum(found), total + len(found)
@@ -140,20 +143,23 @@ def main() -> None:
     parser.add_argument("--train-examples", type=int, default=500)
     parser.add_argument("--eval-examples", type=int, default=300, help="as the routing run whose cache is reused")
     parser.add_argument("--out", type=Path, default=Path("runs/routing-cv"))
+    parser.add_argument("--encoder", default=DEFAULT_ENCODER, help="as `bench --routing-only --encoder`")
     parser.add_argument("--weights", default="0,0.25,0.5")
     parser.add_argument("--margins", default="0,5,10,20")
     args = parser.parse_args()
 
     stream = load_stream(args.stream, args.data_dir, args.train_examples, args.eval_examples, 0, args.shape)
-    encoder = load_encoder(DEFAULT_ENCODER)
-    features = encode_stream(stream, encoder.encode, args.out / "routing-cache" / RoutingConfig().features_folder())
+    encoder = load_encoder(args.encoder)
+    cache = args.out / "routing-cache" / RoutingConfig(encoder=args.encoder).features_folder()
+    features = encode_stream(stream, encoder, cache)
+    routed = features.others.shape[1] // views(args.encoder)
     kinds = {t.name: variant_kinds(t.train.prompts) for t in stream.tasks}
     every = sorted({k for ks in kinds.values() for k in ks})
     rows = []
     for weight in [float(w) for w in args.weights.split(",")]:
         for use in ([every] if weight == 0 else [every] + [[k for k in every if k != drop] for drop in every]):
             rows.append({"study": "kinds", "weight": weight, "kinds": use if weight else [],
-                         **kinds_cv(features, kinds, set(use), weight)})
+                         **kinds_cv(features, kinds, set(use), weight, routed)})
             print(json.dumps(rows[-1]), flush=True)
             if weight == 0:
                 break
@@ -161,7 +167,8 @@ def main() -> None:
     background = encoder.encode([r["text"] for r in requests]).double()
     for margin in [float(m) for m in args.margins.split(",")]:
         rows.append({"study": "margin", "margin": margin,
-                     **margin_cv(features, background, [r["category"] for r in requests], margin)})
+                     **margin_cv(features, background, [r["category"] for r in requests], margin,
+                                 views(args.encoder))})
         print(json.dumps(rows[-1]), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "routing-cv.json").write_text(json.dumps({"stream": args.stream, "shape": args.shape,

@@ -10,7 +10,7 @@ from switchcit.batching import Batcher, Sequence
 from switchcit.data import encode_prompt
 from switchcit.detokenize import IncrementalText
 from switchcit.generation import Route, generate_routed
-from switchcit.mixed import DENSE_UP_TO, NO_ADAPTER, MixedLoRA
+from switchcit.mixed import DENSE_UP_TO, NO_ADAPTER, MixedLoRA, padded_places
 
 MANY = DENSE_UP_TO + 4
 
@@ -57,6 +57,33 @@ def test_both_layouts_give_peft_logits(pool, stream, adapters, dense, in_order):
         with mixed.rows(names):
             fast = pool.model(**batch).logits
     torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("names", [
+    [f"t{k}" for k in range(MANY)],  # one row per adapter, in order: the padded view copies nothing
+    [f"t{(3 * i) % MANY}" for i in range(MANY - 2)] + [NO_ADAPTER] * 2,  # some adapters absent, rows out of order
+    ["t1"] * 12 + ["t5", "t2"],  # padding would more than double the rows: grouped products
+])
+def test_a_decoding_step_with_many_adapters_gives_peft_logits(pool, names):
+    """One token per row (a decoding step) takes the padded batched products where they fit."""
+    ids = torch.arange(len(names))[:, None] % 50 + 5
+    counts = torch.bincount(torch.tensor(sorted(int(n[1:]) for n in names if n != NO_ADAPTER)), minlength=MANY)
+    mixed = MixedLoRA(pool.model, [f"t{k}" for k in range(MANY)], dense=False)
+    assert (padded_places(torch.tensor(sorted(int(n[1:]) for n in names if n != NO_ADAPTER)), counts) is None) \
+        == (names[0] == "t1")
+    with torch.no_grad():
+        reference = pool.model(input_ids=ids, adapter_names=names).logits
+        with mixed.rows(names):
+            fast = pool.model(input_ids=ids).logits
+    torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-4)
+
+
+def test_padded_places_put_each_row_in_its_adapters_group():
+    adapters = torch.tensor([0, 0, 2, 3, 3, 3])  # in adapter order; adapter 1 has no row
+    places, per_group = padded_places(adapters, torch.bincount(adapters, minlength=4))
+    assert per_group == 3 and places.tolist() == [0, 1, 6, 9, 10, 11]
+    assert padded_places(torch.tensor([0, 1, 2]), torch.tensor([1, 1, 1])) == (None, 1)
+    assert padded_places(torch.tensor([0, 0, 0, 1]), torch.tensor([3, 1, 0])) is None  # 9 places for 4 rows
 
 
 def test_generate_and_the_batcher_with_many_adapters_answer_as_peft(pool, stream):

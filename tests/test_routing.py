@@ -13,7 +13,7 @@ from switchcit import BASE, ContinualModel, SwitchcitError, SwitchConfig, Task
 from switchcit.bench.routing import RoutingConfig, encode_stream, memories_for
 from switchcit.bench.streams import SHAPES, load_stream
 from switchcit.gaussian import FEW_ROWS_FACTOR, GaussianSwitch, TaskStats, calibrate, wording_folds
-from switchcit.memory import MemoryConfig, TaskMemory, build_switch, remember
+from switchcit.memory import MemoryConfig, TaskMemory, build_switch, load_switch, remember
 from switchcit.variants import encode_variants, prompt_variants, segments, variants
 
 DIM = 16
@@ -141,14 +141,16 @@ def test_routing_benchmark_on_the_demo_stream(tmp_path):
 
 def test_benchmark_default_row_is_the_library_path(trained_store, stream):
     """The benchmark's gaussian row, fed the store's own encoder, routes exactly like the learned store."""
+    from switchcit.encoders import views
+
     cm = ContinualModel(trained_store, progress=False)
     bench_stream = load_stream("demo", None, 80, 30, 0)
     bench_stream.tasks = bench_stream.tasks[:3]
     assert [t.train.prompts for t in bench_stream.tasks] == [train.prompts for train, _ in stream]
-    features = encode_stream(bench_stream, cm.encoder.encode, None)
+    features = encode_stream(bench_stream, cm.encoder, None)
     config = RoutingConfig(routers=["gaussian"])
     switch = build_switch(memories_for("gaussian", features, [t.name for t in bench_stream.tasks], config),
-                          config.switch, None, features.background)
+                          config.switch, None, features.background, views(config.encoder))
     assert switch.background is not None and torch.equal(switch.background, cm.switch.background)
     prompts = [p for _, test in stream for p in test.prompts] + ["What is the capital of France?"]
     labels, _ = switch.predict(cm.encoder.encode(prompts))
@@ -162,21 +164,23 @@ def test_the_feature_cache_keeps_each_encoders_features_apart(tmp_path):
     stream = load_stream("demo", None, 8, 4, 0)
     stream.tasks = stream.tasks[:2]
 
-    def constant(value: float):
-        return lambda texts: torch.full((len(texts), 3), value)
+    class Constant:
+        def __init__(self, reference: str, value: float | None):
+            self.reference, self.value = reference, value
 
-    def refuse(texts):
-        raise AssertionError("encoded again")
+        def encode(self, texts: list[str]) -> torch.Tensor:
+            assert self.value is not None, "encoded again"
+            return torch.full((len(texts), 3), self.value)
 
     def folder(encoder: str, model: str | None = None) -> Path:
         return tmp_path / RoutingConfig(encoder=encoder, model=model).features_folder()
 
-    first = encode_stream(stream, constant(1.0), folder("a/b"), encoder="a/b")
-    second = encode_stream(stream, constant(2.0), folder("a_b"), encoder="a_b")  # the same name made file-safe
+    first = encode_stream(stream, Constant("a/b", 1.0), folder("a/b"))
+    second = encode_stream(stream, Constant("a_b", 2.0), folder("a_b"))  # the same name made file-safe
     assert first.train[stream.tasks[0].name].unique().tolist() == [1.0]
     assert second.train[stream.tasks[0].name].unique().tolist() == [2.0]
     for name, features in (("a/b", first), ("a_b", second)):
-        again = encode_stream(stream, refuse, folder(name), encoder=name)
+        again = encode_stream(stream, Constant(name, None), folder(name))
         assert all(torch.equal(again.train[t], features.train[t]) for t in features.train)
     assert folder("base", "model-one") != folder("base", "model-two")  # 'base' is each base model's state
 
@@ -199,6 +203,8 @@ def test_old_mlp_stores_keep_their_router(tmp_path, tiny_model, stream):
 
 def test_learn_calibrates_on_the_wordings_of_alpaca_rows(tmp_path, tiny_model, stream):
     """Rows that name their instruction hold out whole wordings; the store keeps no text of them."""
+    from switchcit.encoders import views
+
     train = stream[0][0]
     assert len({e.wording for e in train.examples}) == 4
     cm = ContinualModel(tmp_path / "s", base_model=str(tiny_model), expert_config=TINY_EXPERT, progress=False)
@@ -207,8 +213,10 @@ def test_learn_calibrates_on_the_wordings_of_alpaca_rows(tmp_path, tiny_model, s
     assert all(e.wording.encode() not in path.read_bytes() for e in train.examples)
     features, config = cm.encoder.encode(train.prompts), cm.switch_config
     variants = encode_variants(cm.encoder.encode, train.prompts)
-    by_wording = calibrate(features, config.unknown_shrinkage, config.false_rejection, 0, train.wordings, variants)
-    by_rows = calibrate(features, config.unknown_shrinkage, config.false_rejection, 0, None, variants)
+    two = views(cm.manifest.encoder)
+    by_wording = calibrate(features, config.unknown_shrinkage, config.false_rejection, 0, train.wordings, variants,
+                           views=two)
+    by_rows = calibrate(features, config.unknown_shrinkage, config.false_rejection, 0, None, variants, views=two)
     assert by_wording.factor != by_rows.factor
     stored = TaskMemory.load(path).calibration
     assert stored.factor == pytest.approx(by_wording.factor, rel=1e-5) and stored.count == by_wording.count
@@ -262,7 +270,7 @@ def inline_task(template: str, inputs: list[str]) -> list[str]:
     return [template.format(x) for x in inputs]
 
 
-def inline_tasks(encoder, with_variants: bool = True) -> tuple[dict, dict]:
+def inline_tasks(encoder, with_variants: bool = True, views: int = 1) -> tuple[dict, dict]:
     """Three tasks whose rows carry their input inside the instruction, three wordings each: the memories,
     and 40 prompts per task in a wording no row uses."""
     numbers = [str(n) for n in range(11, 131)]
@@ -280,7 +288,7 @@ def inline_tasks(encoder, with_variants: bool = True) -> tuple[dict, dict]:
     for task, wordings in tasks.items():
         prompts = [wordings[i % 3].format(x) for i, x in enumerate(inputs[task])]
         found = encode_variants(encoder.encode, prompts) if with_variants else None
-        memories[task] = remember(encoder.encode(prompts), MemoryConfig(), SwitchConfig(), None, found)
+        memories[task] = remember(encoder.encode(prompts), MemoryConfig(), SwitchConfig(), None, found, views)
     return memories, {t: encoder.encode([new[t].format(x) for x in inputs[t][:40]]) for t in tasks}
 
 
@@ -331,16 +339,43 @@ def test_the_background_class_catches_requests_a_broad_task_region_swallows(tmp_
 
 
 def test_the_shipped_background_keeps_new_wordings_on_their_tasks():
-    """The background mean that ships for the default encoder is the one encoding gives today, and with it the
-    new wordings of tasks whose rows carry their input still reach their tasks."""
+    """The background means that ship for the default encoder, with and without its second view, are the ones
+    encoding gives today, and with either the new wordings of tasks whose rows carry their input still reach
+    their tasks."""
     from switchcit.background import background_mean, encoded_mean
-    from switchcit.encoders import DEFAULT_ENCODER, SentenceEncoder
+    from switchcit.encoders import DEFAULT_ENCODER, INSTRUCTION_VIEW, load_encoder, views
 
-    encoder = SentenceEncoder()
-    shipped = background_mean(DEFAULT_ENCODER, encoder.encode)
-    assert torch.allclose(shipped, encoded_mean(encoder.encode), atol=1e-5)
-    memories, probes = inline_tasks(encoder)
-    assert sent_to_base(build_switch(memories, SwitchConfig(), None, shipped), probes) <= 0.1
+    for reference in (DEFAULT_ENCODER, DEFAULT_ENCODER + INSTRUCTION_VIEW):
+        encoder = load_encoder(reference)
+        shipped = background_mean(reference, encoder.encode)
+        assert shipped.shape == (384 * views(reference),)
+        assert torch.allclose(shipped, encoded_mean(encoder.encode), atol=1e-5)
+        memories, probes = inline_tasks(encoder, views=views(reference))
+        switch = build_switch(memories, SwitchConfig(), None, shipped, views(reference))
+        assert switch.routed_dims == 384 and sent_to_base(switch, probes) <= 0.1
+
+
+def test_two_views_route_by_the_first_and_send_what_neither_task_asks_to_base(tmp_path):
+    """Features of two views (encoders.InstructionViews): the classifier reads the first alone, so its routes are
+    the one-view switch's; the fallback reads both, so a request whose input is like a task's but whose
+    instruction no task has is unknown. Saved and loaded, the switch keeps its routed dims."""
+    whole = clusters(n=80)
+    generator = torch.Generator().manual_seed(1)
+    asks = 4.0 * torch.randn(len(whole), DIM, generator=generator)  # each task's instruction
+    both = {t: torch.cat([x, asks[i] + 0.3 * torch.randn(len(x), DIM, generator=generator)], dim=1)
+            for i, (t, x) in enumerate(whole.items())}
+    one_view = build_switch({t: remember(x, MemoryConfig(), SwitchConfig()) for t, x in whole.items()}, SwitchConfig())
+    switch = build_switch({t: remember(x, MemoryConfig(), SwitchConfig()) for t, x in both.items()}, SwitchConfig(),
+                          views=2)
+    probes = torch.cat([x[:20] for x in both.values()])
+    assert switch.routed_dims == DIM and switch.predict(probes)[0] == one_view.predict(probes[:, :DIM])[0]
+    assert sum(switch.known(probes, switch.predict(probes)[0])) >= 0.9 * len(probes)  # --false-rejection 5%
+    new_instruction = torch.cat([whole["t0"][:20], 4.0 * torch.randn(20, DIM, generator=generator)], dim=1)
+    assert sum(one_view.known(new_instruction[:, :DIM], one_view.predict(new_instruction[:, :DIM])[0])) >= 18
+    assert not any(switch.known(new_instruction, switch.predict(new_instruction)[0]))
+    switch.save(tmp_path / "switch")
+    again = load_switch(tmp_path / "switch")
+    assert again.routed_dims == DIM and again.predict(probes) == switch.predict(probes)
 
 
 def test_a_memory_written_before_the_calibration_keeps_its_threshold(tmp_path):

@@ -10,8 +10,9 @@ switch holds one more class, never routed to, whose mean is that of 599 everyday
 model when it is nearer that class than its nearest task by a margin (`SwitchConfig.background_margin`).
 
 The requests are encoded once with the store's encoder and only their mean is kept, in the switch; the
-mean under the default encoder ships with them (`data/background-means.safetensors`, rewritten by
-`python -m switchcit.background`), so a new store of the default encoder encodes none of them.
+means under the default encoder, with and without its second view (encoders.InstructionViews), ship with
+them (`data/background-means.safetensors`, rewritten by `python -m switchcit.background`), so a new store of
+either encodes none of them.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ def background_mean(encoder: str, encode: Callable[[list[str]], torch.Tensor]) -
 if __name__ == "__main__":  # after changing data/background.jsonl
     from safetensors.torch import save_file
 
-    from .encoders import DEFAULT_ENCODER, load_encoder
+    from .encoders import DEFAULT_ENCODER, INSTRUCTION_VIEW, load_encoder
 
-    save_file({DEFAULT_ENCODER: encoded_mean(load_encoder(DEFAULT_ENCODER).encode).float()}, str(SHIPPED_MEANS))
+    references = (DEFAULT_ENCODER, DEFAULT_ENCODER + INSTRUCTION_VIEW)
+    save_file({r: encoded_mean(load_encoder(r).encode).float() for r in references}, str(SHIPPED_MEANS))

@@ -14,6 +14,7 @@ from .bench import add_parser as add_bench_parser
 from .bench import cmd_bench
 from .bench.evaluate import add_parser as add_eval_parser
 from .bundle import MAX_BYTES
+from .encoders import DEFAULT_ENCODER
 from .errors import SwitchcitError, one_line, write_failure
 from .experts import ExpertConfig
 from .memory import MemoryConfig
@@ -62,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "configuration from its last checkpoint (default: off)")
     config_options(p, ExpertConfig)
     p.add_argument("--encoder", default=None, help="switch encoder for a new store: sentence-transformers id or "
-                   "folder, 'base' (the base model's last-token state), or a causal LM id (default: MiniLM)")
+                   "folder, 'base' (the base model's last-token state), or a causal LM id; +instruction after any "
+                   "of them adds the view of the prompt's instruction alone (default: "
+                   f"{DEFAULT_ENCODER})")
     config_options(p, SwitchConfig)
     config_options(p, MemoryConfig)
     model_options(p)

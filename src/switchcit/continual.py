@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from .adapters import BASE, TRAINING, AdapterPool
 from .background import background_mean
 from .data import Example, Task
-from .encoders import DEFAULT_ENCODER, Encoder, load_encoder
+from .encoders import DEFAULT_ENCODER, Encoder, load_encoder, views
 from .errors import SwitchcitError, failed_writes
 from .experts import ExpertConfig, train_expert
 from .gaussian import GaussianSwitch
@@ -136,7 +136,7 @@ class ContinualModel:
                         self.switch_config.kind)
                     self._check_store(task.name, replace)
                     entry = write_task(self.store, task, features, variants, stats, config, self.memory_config,
-                                       self.switch_config, run)
+                                       self.switch_config, run, views(self.manifest.encoder))
                     tasks = [*[t for t in self.tasks if t.name != task.name], entry]
                     self.manifest, self._switch = commit(self.store, self.manifest, tasks, self.switch_config,
                                                          {task.name: features}, background)

@@ -112,26 +112,27 @@ def fit_region(features: torch.Tensor, false_rejection: float, seed: int = 0,
 
 def remember(features: torch.Tensor, memory: MemoryConfig, switch: SwitchConfig,
              wordings: list[str | None] | None = None,
-             variants: tuple[torch.Tensor, torch.Tensor] | None = None) -> TaskMemory:
+             variants: tuple[torch.Tensor, torch.Tensor] | None = None, views: int = 1) -> TaskMemory:
     """What the store keeps of a new task: it depends on that task alone. `wordings` (each row's
     instruction, where known) and `variants` (variants.encode_variants of its prompts) let the fallback
     calibrate on held-out wordings and on the variants of held-out rows; the variants also count in the
-    task's statistics (gaussian.task_stats)."""
+    task's statistics (gaussian.task_stats). `views`: how many the features hold (encoders.views)."""
     centroid, radius = fit_region(features, switch.false_rejection, memory.seed, variants)
     retained = select_memory(features, memory)
     if switch.kind != "gaussian":
         return TaskMemory(retained, centroid, radius)
     calibration = calibrate(features, switch.unknown_shrinkage, switch.false_rejection, memory.seed, wordings,
-                            variants)
+                            variants, views=views)
     return TaskMemory(retained, centroid, radius, task_stats(features, variants), calibration)
 
 
 def build_switch(memories: dict[str, TaskMemory], config: SwitchConfig,
                  full_features: dict[str, torch.Tensor] | None = None,
-                 background: torch.Tensor | None = None) -> Switch | GaussianSwitch:
+                 background: torch.Tensor | None = None, views: int = 1) -> Switch | GaussianSwitch:
     """The switch over these tasks. The MLP trains on the retained memory (all features where given);
-    the Gaussian switch needs only the statistics, so `full_features` changes nothing for it, and takes the
-    background class's mean (background.py) where given."""
+    the Gaussian switch needs only the statistics, so `full_features` changes nothing for it, takes the
+    background class's mean (background.py) where given, and classifies by the first of the features'
+    `views` (encoders.views)."""
     if config.kind == "gaussian":
         missing = [t for t, m in memories.items() if m.stats is None]
         if missing:
@@ -139,7 +140,7 @@ def build_switch(memories: dict[str, TaskMemory], config: SwitchConfig,
                                  "use router 'mlp' for this store, or learn its tasks again into a new store")
         return GaussianSwitch.fit({t: m.stats for t, m in memories.items()},
                                   {t: m.calibration for t, m in memories.items()}, config.shrinkage,
-                                  config.unknown_shrinkage, background, config.background_margin)
+                                  config.unknown_shrinkage, background, config.background_margin, views)
     full_features = full_features or {}
     by_task = {t: full_features.get(t, m.features) for t, m in memories.items()}
     return train_switch(by_task, config, {t: (m.centroid, m.radius) for t, m in memories.items()})

@@ -43,9 +43,10 @@ class SwitchConfig:
                                   "variants (instruction dropped, cut, moved, unlabelled or half-worded), outside its "
                                   "region; the unknown-request fallback sends fewer of its real new prompts to the "
                                   "base model (about 3%% on CIT)", low=0, high=1, open_low=True)
-    background_margin: float = knob(10.0, "--background-margin", "gaussian: how much nearer (in squared distance) "
-                                    "a request must be to everyday requests than to its nearest task to go to the "
-                                    "base model; larger keeps more requests on the tasks", low=0)
+    background_margin: float = knob(10.0, "--background-margin", "gaussian: how much nearer (in squared distance, "
+                                    "per view of the encoder) a request must be to everyday requests than to its "
+                                    "nearest task to go to the base model; larger keeps more requests on the tasks",
+                                    low=0)
     hidden: int = knob(200, low=1)
     steps: int = knob(400, low=1)
     batch_size: int = knob(256, low=1)

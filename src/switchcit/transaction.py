@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from .encoders import views
 from .memory import MemoryConfig, build_switch, remember
 from .store import Manifest, Store, TaskEntry, now
 
@@ -22,14 +23,15 @@ if TYPE_CHECKING:
 
 
 def write_task(store: Store, task: Task, features: torch.Tensor, variants: tuple[torch.Tensor, torch.Tensor] | None,
-               stats: dict, expert: ExpertConfig, memory: MemoryConfig, switch: SwitchConfig, run: str) -> TaskEntry:
+               stats: dict, expert: ExpertConfig, memory: MemoryConfig, switch: SwitchConfig, run: str,
+               views: int = 1) -> TaskEntry:
     """Move the just-trained adapter (`stats["adapter"]`, a plain PEFT folder the trainer saved inside the
     store, in the checkpoints of `run`) into place and save the task's memory; returns its manifest entry."""
     adapter = store.fresh("adapters", task.name)
     store.path(adapter).parent.mkdir(parents=True, exist_ok=True)
     stats["adapter"].rename(store.path(adapter))
     memory_path = store.fresh("memory", task.name, ".safetensors")
-    remember(features, memory, switch, task.wordings, variants).save(store.path(memory_path))
+    remember(features, memory, switch, task.wordings, variants, views).save(store.path(memory_path))
     return TaskEntry(task.name, adapter, memory_path, len(task.examples), memory.size_for(len(features)),
                      stats["steps"], round(stats["final_loss"], 4), expert.to_dict(), now(),
                      None if stats.get("eval_loss") is None else round(stats["eval_loss"], 4), run)
@@ -44,7 +46,8 @@ def commit(store: Store, manifest: Manifest, tasks: list[TaskEntry], config: Swi
     task may stay)."""
     built = None
     if tasks:
-        switch = build_switch({t.name: store.memory(t) for t in tasks}, config, full_features, background)
+        switch = build_switch({t.name: store.memory(t) for t in tasks}, config, full_features, background,
+                              views(manifest.encoder))
         path = store.fresh("switch", f"v{manifest.generation + 1}")
         switch.save(store.path(path))
         built = path, switch

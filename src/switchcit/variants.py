@@ -44,6 +44,16 @@ def segments(prompt: str) -> list[str]:
     return [s.strip() for s in SENTENCE_END.split(prompt) if s.strip()]
 
 
+def instruction(prompt: str) -> str:
+    """What the prompt asks: its segments without the longest, which is most often the input (the prompt
+    itself when it has one segment)."""
+    parts = segments(prompt)
+    if len(parts) < 2:
+        return prompt
+    longest = max(range(len(parts)), key=lambda i: len(parts[i]))
+    return "\n".join(p for i, p in enumerate(parts) if i != longest)
+
+
 def named_variants(prompt: str) -> dict[str, str]:
     """The prompt's variants by kind: without its first segment, without its last, with its first segment
     moved to the end, without the field labels that open its segments, and with half the words of every

@@ -87,7 +87,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--routing-routers", default=",".join(ROUTING_ROUTERS),
                    help=f"routers of --routing-only, comma-separated (default: {','.join(ROUTING_ROUTERS)})")
     p.add_argument("--encoder", default=DEFAULT_ENCODER,
-                   help="switch encoder of --routing-only (default: the library's, embedded MiniLM)")
+                   help="switch encoder of --routing-only (default: the library's, embedded MiniLM; "
+                        "REFERENCE+instruction adds the view of the prompt's instruction)")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     return p
@@ -190,7 +191,7 @@ def cmd_routing(args) -> None:
     encoder = load_encoder(args.encoder, pool, device)
     out = Path(args.out)
     command = "switchcit " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else None
-    report = run_routing(streams, encoder.encode, config, out, progress=not args.quiet, command=command)
+    report = run_routing(streams, encoder, config, out, progress=not args.quiet, command=command)
     print(f"switchcit bench --routing-only: {len(report['routers'])} router(s) on {len(report['config']['tasks'])} "
           f"tasks in {report['config']['seconds']:.0f} s; results in {out / 'routing.json'}, report in "
           f"{out / 'report.md'}")

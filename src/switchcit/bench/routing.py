@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -37,7 +36,16 @@ from typing import TYPE_CHECKING
 
 from ..background import background_mean
 from ..continual import BASE
-from ..encoders import BASE_ENCODER, DEFAULT_ENCODER, slug
+from ..encoders import (
+    BASE_ENCODER,
+    DEFAULT_ENCODER,
+    INSTRUCTION_VIEW,
+    Encoder,
+    InstructionViews,
+    slug,
+    views,
+    with_instruction_view,
+)
 from ..errors import SwitchcitError
 from ..memory import MemoryConfig, TaskMemory, build_switch, remember
 from ..routers import fit_router
@@ -72,7 +80,8 @@ class RoutingConfig:
         per base model), so a run with another encoder into the same --out never reads this one's."""
         import hashlib
 
-        identity = self.encoder + (f"@{self.model}" if self.encoder == BASE_ENCODER else "")
+        inner = self.encoder.removesuffix(INSTRUCTION_VIEW)  # the second view is cached beside the first
+        identity = inner + (f"@{self.model}" if inner == BASE_ENCODER else "")
         return f"{slug(identity)[:60]}-{hashlib.sha256(identity.encode()).hexdigest()[:8]}"
 
 
@@ -106,11 +115,10 @@ def general_requests() -> list[str]:
     return [line.replace("\\n", "\n") for line in lines if line.strip() and not line.startswith("#")]
 
 
-def encode_stream(stream: Stream, encode: Callable[[list[str]], torch.Tensor], cache: Path | None,
-                  seed: int = 0, encoder: str = DEFAULT_ENCODER) -> Features:
+def encode_stream(stream: Stream, encoder: Encoder, cache: Path | None, seed: int = 0) -> Features:
     """Features of every prompt and of the training prompts' variants (as `learn` makes them), cached in `cache`
-    (one folder per encoder: `RoutingConfig.features_folder`) per set by its prompts' content so a rerun
-    encodes nothing; the background mean as `learn` takes it."""
+    (one folder per encoder: `RoutingConfig.features_folder`) per set and per view (encoders.InstructionViews)
+    by the texts' content so a rerun encodes nothing; the background mean as `learn` takes it."""
     import hashlib
 
     import torch
@@ -127,19 +135,26 @@ def encode_stream(stream: Stream, encode: Callable[[list[str]], torch.Tensor], c
     groups.update({f"reworded/{t.name}": [e.prompt for e in t.reworded] for t in stream.tasks if t.reworded})
     groups["others"] = other_prompts(stream)
     groups["general"] = general_requests()
+    inner = encoder.inner if isinstance(encoder, InstructionViews) else encoder
 
     def cached(name: str, texts: list[str]) -> torch.Tensor:  # one file per set: a changed set encodes only itself
         key = hashlib.sha256(json.dumps([name, texts]).encode()).hexdigest()[:16]
         path = cache / f"features-{key}.safetensors" if cache else None
         if path and path.exists():
             return load_file(str(path))["features"]
-        found = encode(texts)
+        found = inner.encode(texts)
         if path:
             path.parent.mkdir(parents=True, exist_ok=True)
             save_file({"features": found.contiguous()}, str(path))
         return found
 
-    tensors = {name: cached(name, prompts) for name, prompts in groups.items()}
+    def encoded(name: str, texts: list[str]) -> torch.Tensor:  # every view of the encoder, each cached
+        whole = cached(name, texts)
+        if inner is encoder:
+            return whole
+        return with_instruction_view(texts, whole, partial(cached, f"{name}/instruction"))
+
+    tensors = {name: encoded(name, prompts) for name, prompts in groups.items()}
     empty = torch.zeros(0, tensors["others"].shape[1])
     variants = {t.name: (tensors[f"variants/{t.name}"], torch.tensor(owners[t.name], dtype=torch.long))
                 if f"variants/{t.name}" in tensors else None for t in stream.tasks}
@@ -148,7 +163,8 @@ def encode_stream(stream: Stream, encode: Callable[[list[str]], torch.Tensor], c
                     {t.name: tensors[f"seen/{t.name}"] for t in stream.tasks},
                     {t.name: tensors.get(f"unseen/{t.name}", empty) for t in stream.tasks},
                     {t.name: tensors.get(f"reworded/{t.name}", empty) for t in stream.tasks},
-                    tensors["others"], tensors["general"], background_mean(encoder, partial(cached, "background")))
+                    tensors["others"], tensors["general"],
+                    background_mean(encoder.reference, partial(encoded, "background")))
 
 
 class Fitted:
@@ -157,7 +173,8 @@ class Fitted:
     def __init__(self, kind: str, memories: dict[str, TaskMemory], full: dict[str, torch.Tensor],
                  config: RoutingConfig, background: torch.Tensor):
         if kind in ROUTERS:
-            self.switch = build_switch(memories, replace(config.switch, router=kind), full, background)
+            self.switch = build_switch(memories, replace(config.switch, router=kind), full, background,
+                                       views(config.encoder))
             self.router = None
         else:
             features = {t: full.get(t, m.features) for t, m in memories.items()}
@@ -180,8 +197,8 @@ class Fitted:
 def memories_for(kind: str, features: Features, learned: list[str], config: RoutingConfig) -> dict[str, TaskMemory]:
     """What the store keeps of each learned task (each task's memory depends on that task alone)."""
     switch = replace(config.switch, router=kind if kind in ROUTERS else "mlp")
-    return {t: remember(features.train[t], config.memory, switch, features.wordings[t], features.variants[t])
-            for t in learned}
+    return {t: remember(features.train[t], config.memory, switch, features.wordings[t], features.variants[t],
+                        views(config.encoder)) for t in learned}
 
 
 def _share(hits: int, total: int) -> float | None:
@@ -240,7 +257,7 @@ def leave_one_wording_out(kind: str, features: Features, learned: list[str], con
             rest = features.train[task][~held]
             kept = [w for w in wordings if w != wording]
             variants = kept_variants(features, task, held)
-            trimmed = {**memories, task: remember(rest, config.memory, switch, kept, variants)}
+            trimmed = {**memories, task: remember(rest, config.memory, switch, kept, variants, views(config.encoder))}
             full = {newest: rest if newest == task else features.train[newest]}
             fitted = Fitted(kind, trimmed, full, config, features.background)
             routes = fitted.route(features.train[task][held])
@@ -307,12 +324,12 @@ def tradeoff(raws: list[dict]) -> list[dict]:
              "false_rejection_lowo": above("lowo", m)} for m in CURVE]
 
 
-def score_routers(stream: Stream, shape: str, encode: Callable[[list[str]], torch.Tensor], config: RoutingConfig,
-                  cache: Path, progress: bool) -> tuple[Features, dict]:
+def score_routers(stream: Stream, shape: str, encoder: Encoder, config: RoutingConfig, cache: Path,
+                  progress: bool) -> tuple[Features, dict]:
     """Every router at every stage of `stream`, its training rows in `shape`."""
     from tqdm.auto import tqdm
 
-    features = encode_stream(stream, encode, cache, config.memory.seed, config.encoder)
+    features = encode_stream(stream, encoder, cache, config.memory.seed)
     order = [t.name for t in stream.tasks]
     results = {}
     for kind in tqdm(config.routers, desc=f"routing ({shape})", unit="router", disable=not progress):
@@ -332,14 +349,14 @@ def score_routers(stream: Stream, shape: str, encode: Callable[[list[str]], torc
     return features, results
 
 
-def run_routing(streams: dict[str, Stream], encode: Callable[[list[str]], torch.Tensor], config: RoutingConfig,
-                out: Path, progress: bool = True, command: str | None = None) -> dict:
+def run_routing(streams: dict[str, Stream], encoder: Encoder, config: RoutingConfig, out: Path,
+                progress: bool = True, command: str | None = None) -> dict:
     """Score every router at every stage of the stream in each shape of its rows (`streams`: shape -> stream, the
     first one the headline); writes OUT/routing.json, OUT/report.md, OUT/routing.png."""
     config.check()
     started = time.time()
     cache = out / "routing-cache" / config.features_folder()
-    shapes = {shape: score_routers(stream, shape, encode, config, cache, progress)
+    shapes = {shape: score_routers(stream, shape, encoder, config, cache, progress)
               for shape, stream in streams.items()}
     stream, (features, results) = next(iter(streams.values())), next(iter(shapes.values()))
     order = [t.name for t in stream.tasks]
