@@ -365,8 +365,8 @@ def test_two_views_route_by_the_first_and_send_what_neither_task_asks_to_base(tm
     both = {t: torch.cat([x, asks[i] + 0.3 * torch.randn(len(x), DIM, generator=generator)], dim=1)
             for i, (t, x) in enumerate(whole.items())}
     one_view = build_switch({t: remember(x, MemoryConfig(), SwitchConfig()) for t, x in whole.items()}, SwitchConfig())
-    switch = build_switch({t: remember(x, MemoryConfig(), SwitchConfig()) for t, x in both.items()}, SwitchConfig(),
-                          views=2)
+    switch = build_switch({t: remember(x, MemoryConfig(), SwitchConfig(), views=2) for t, x in both.items()},
+                          SwitchConfig(), views=2)
     probes = torch.cat([x[:20] for x in both.values()])
     assert switch.routed_dims == DIM and switch.predict(probes)[0] == one_view.predict(probes[:, :DIM])[0]
     assert sum(switch.known(probes, switch.predict(probes)[0])) >= 0.9 * len(probes)  # --false-rejection 5%
@@ -376,6 +376,30 @@ def test_two_views_route_by_the_first_and_send_what_neither_task_asks_to_base(tm
     switch.save(tmp_path / "switch")
     again = load_switch(tmp_path / "switch")
     assert again.routed_dims == DIM and again.predict(probes) == switch.predict(probes)
+    one_view.save(tmp_path / "old")  # a switch file written before views: no routed_dims
+    meta = json.loads((tmp_path / "old" / "switch.json").read_text())
+    del meta["routed_dims"]
+    (tmp_path / "old" / "switch.json").write_text(json.dumps(meta))
+    old = load_switch(tmp_path / "old")
+    assert old.routed_dims == DIM and old.predict(probes[:, :DIM]) == one_view.predict(probes[:, :DIM])
+
+
+def test_a_store_with_the_instruction_view_learns_routes_and_reopens(tmp_path, tiny_model, stream):
+    """`--encoder ...+instruction` through learn, commit and a reopened store: 768-wide statistics, routes read
+    the first view, and the store's own rebuilt switch is the one it saved."""
+    from switchcit.encoders import DEFAULT_ENCODER, INSTRUCTION_VIEW
+
+    cm = ContinualModel(tmp_path / "s", base_model=str(tiny_model), encoder=DEFAULT_ENCODER + INSTRUCTION_VIEW,
+                        expert_config=TINY_EXPERT, progress=False)
+    for train, _ in stream[:2]:
+        cm.learn(train)
+    reopened = ContinualModel(tmp_path / "s", progress=False)
+    assert reopened.manifest.encoder_dim == 768 and reopened.switch.routed_dims == 384
+    prompts = [p for _, test in stream[:2] for p in test.prompts]
+    assert [r.task for r in reopened.route(prompts)] == [r.task for r in cm.route(prompts)]
+    routed = [r.task for r in ContinualModel(tmp_path / "s", progress=False, fallback=False).route(prompts)]
+    expected = [train.name for train, test in stream[:2] for _ in test.prompts]
+    assert sum(a == b for a, b in zip(routed, expected)) >= 0.9 * len(expected)
 
 
 def test_a_memory_written_before_the_calibration_keeps_its_threshold(tmp_path):

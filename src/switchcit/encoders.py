@@ -117,8 +117,6 @@ class InstructionViews:
     view's covariance is shrunk on its own (gaussian.pooled_precision).
     """
 
-    views = 2
-
     def __init__(self, inner: Encoder):
         self.inner = inner
         self.reference = inner.reference + INSTRUCTION_VIEW
@@ -153,7 +151,11 @@ def load_encoder(reference: str, pool: AdapterPool | None = None, device: str = 
     """'embedded:...' / sentence-transformers id or path -> SentenceEncoder; 'base' (the pool's base model)
     or a causal LM -> last token; any of them + '+instruction' -> InstructionViews of it."""
     if reference.endswith(INSTRUCTION_VIEW) and len(reference) > len(INSTRUCTION_VIEW):
-        return InstructionViews(load_encoder(reference[:-len(INSTRUCTION_VIEW)], pool, device))
+        inner = reference[:-len(INSTRUCTION_VIEW)]
+        if inner.endswith(INSTRUCTION_VIEW):
+            raise SwitchcitError(f"encoder {reference!r} asks for the instruction view twice: end it with one "
+                                 f"{INSTRUCTION_VIEW}")
+        return InstructionViews(load_encoder(inner, pool, device))
     if reference == BASE_ENCODER:
         if pool is None:
             raise SwitchcitError("encoder 'base' needs the base model: open it through a ContinualModel")

@@ -91,6 +91,8 @@ def pooled_precision(stats: list[TaskStats], shrinkage: float, views: int = 1) -
     scatter = sum(s.scatter for s in stats)
     dof = max(sum(s.count for s in stats) - len(stats), 1)
     covariance = scatter / dof
+    if covariance.shape[0] % views:
+        raise ValueError(f"{covariance.shape[0]} feature dims do not split into {views} equal views")
     precision = torch.zeros_like(covariance)
     size = covariance.shape[0] // views
     for start in range(0, size * views, size):
@@ -197,7 +199,7 @@ class GaussianSwitch:
     """Features -> (task, confidence) by the nearest task mean in the shared-covariance metric.
 
     `background` is the mean of everyday requests of no task (background.py), a class that is never routed
-    to: a request nearer to it than to its nearest task by more than `background_margin` (in squared
+    to: a request nearer to it than to its nearest task by more than `background_margin` per view (in squared
     distance, the log-odds of the two classes times 2) goes to the base model.
 
     With several views (encoders.InstructionViews) the classifier reads the first, its leading `routed_dims`
@@ -237,7 +239,7 @@ class GaussianSwitch:
         region = pooled_precision([stats[t] for t in labels], unknown_shrinkage, views)
         thresholds = torch.tensor([calibrations[t].threshold(region) for t in labels], dtype=torch.float64)
         return cls(labels, torch.stack([stats[t].mean for t in labels]), precision, region, thresholds, background,
-                   background_margin * views, precision.shape[0] // views)
+                   background_margin, precision.shape[0] // views)
 
     def predict(self, features: torch.Tensor) -> tuple[list[str], list[float]]:
         import torch
@@ -256,7 +258,8 @@ class GaussianSwitch:
         if self.background is not None:
             nearest = squared_distances(features, self.means, self.precision).min(dim=1).values
             to_background = squared_distances(features, self.background[None], self.precision)[:, 0]
-            score = score.maximum(nearest / (to_background + self.background_margin).clamp_min(1e-12))
+            margin = self.background_margin * (self.means.shape[1] // self.routed_dims)  # per view
+            score = score.maximum(nearest / (to_background + margin).clamp_min(1e-12))
         return score.float()
 
     def known(self, features: torch.Tensor, labels: list[str]) -> list[bool]:

@@ -132,7 +132,7 @@ def build_switch(memories: dict[str, TaskMemory], config: SwitchConfig,
     """The switch over these tasks. The MLP trains on the retained memory (all features where given);
     the Gaussian switch needs only the statistics, so `full_features` changes nothing for it, takes the
     background class's mean (background.py) where given, and classifies by the first of the features'
-    `views` (encoders.views)."""
+    `views` (encoders.views; the MLP reads them all)."""
     if config.kind == "gaussian":
         missing = [t for t, m in memories.items() if m.stats is None]
         if missing:

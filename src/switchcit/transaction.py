@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .encoders import views
+from .encoders import views as view_count
 from .memory import MemoryConfig, build_switch, remember
 from .store import Manifest, Store, TaskEntry, now
 
@@ -47,7 +47,7 @@ def commit(store: Store, manifest: Manifest, tasks: list[TaskEntry], config: Swi
     built = None
     if tasks:
         switch = build_switch({t.name: store.memory(t) for t in tasks}, config, full_features, background,
-                              views(manifest.encoder))
+                              view_count(manifest.encoder))
         path = store.fresh("switch", f"v{manifest.generation + 1}")
         switch.save(store.path(path))
         built = path, switch
