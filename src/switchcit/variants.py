@@ -44,14 +44,19 @@ def segments(prompt: str) -> list[str]:
     return [s.strip() for s in SENTENCE_END.split(prompt) if s.strip()]
 
 
+def longest(parts: list[str]) -> int:
+    """The index of the longest segment, most often the input."""
+    return max(range(len(parts)), key=lambda i: len(parts[i]))
+
+
 def instruction(prompt: str) -> str:
     """What the prompt asks: its segments without the longest, which is most often the input (the prompt
     itself when it has one segment)."""
     parts = segments(prompt)
     if len(parts) < 2:
         return prompt
-    longest = max(range(len(parts)), key=lambda i: len(parts[i]))
-    return "\n".join(p for i, p in enumerate(parts) if i != longest)
+    input_at = longest(parts)
+    return "\n".join(p for i, p in enumerate(parts) if i != input_at)
 
 
 def named_variants(prompt: str) -> dict[str, str]:
@@ -62,9 +67,9 @@ def named_variants(prompt: str) -> dict[str, str]:
     parts = segments(prompt)
     if len(parts) < 2:
         return {}
-    longest = max(range(len(parts)), key=lambda i: len(parts[i]))
+    input_at = longest(parts)
     rng = random.Random(zlib.crc32(prompt.encode()))
-    half_worded = [p if i == longest else " ".join([w for w in p.split() if rng.random() >= 0.5] or p.split()[:1])
+    half_worded = [p if i == input_at else " ".join([w for w in p.split() if rng.random() >= 0.5] or p.split()[:1])
                    for i, p in enumerate(parts)]
     made = {"first_dropped": "\n".join(parts[1:]), "last_dropped": "\n".join(parts[:-1]),
             "first_moved": "\n\n".join(parts[1:] + parts[:1]),
