@@ -59,6 +59,21 @@ def test_both_layouts_give_peft_logits(pool, stream, adapters, dense, in_order):
     torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dense", [True, False])
+def test_a_batch_of_one_adapter_gives_peft_logits(pool, stream, dense):
+    """Every row on one adapter: its own slice of the stack, in both layouts, prefill and a decoding step."""
+    names = ["t5"] * 6
+    prompts = [stream[i % 3][1].prompts[i] for i in range(len(names))]
+    batch = pool.tokenizer(prompts, return_tensors="pt", padding=True)
+    mixed = MixedLoRA(pool.model, [f"t{k}" for k in range(MANY)], dense=dense)
+    with torch.no_grad():
+        pool.model.set_adapter("t5")
+        reference = pool.model(**batch).logits, pool.model(input_ids=batch["input_ids"][:, :1]).logits
+        with mixed.rows(names):
+            fast = pool.model(**batch).logits, pool.model(input_ids=batch["input_ids"][:, :1]).logits
+    torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("names", [
     [f"t{k}" for k in range(MANY)],  # one row per adapter, in order: the padded view copies nothing
     [f"t{(3 * i) % MANY}" for i in range(MANY - 2)] + [NO_ADAPTER] * 2,  # some adapters absent, rows out of order

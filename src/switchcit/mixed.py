@@ -14,6 +14,8 @@ row) spent its time on K tiny products per layer; there each adapter's rows are 
 adapter has and two batched products (`torch.bmm`) take all K at once, as long as padding does not more
 than double the rows (one layer at 32 adapters: 332 -> 168 us; the whole step in the README, many
 adapters). On a GPU `grouped_mm` has its own kernels, so the padding is not used there (not measured).
+A batch whose rows all use one adapter (one task's traffic) skips both layouts: two plain products on that
+adapter's slice of the stack, as a model with a single LoRA runs.
 Rows of the base model use no adapter. Outputs equal PEFT's within float tolerance (tests pin every layout).
 """
 
@@ -74,6 +76,7 @@ class MixedLoRA:
         # decoding steps: (each row's place among K groups of `per_group` padded rows, None when the rows fill
         # them exactly, per_group); None when padding would more than PADDED_UP_TO-fold the rows
         self._padded: tuple[torch.Tensor | None, int] | None = None
+        self._single: int | None = None  # the adapter of every row, when they all use the same one
 
     @staticmethod
     def supports(model: PeftModel, adapters: list[str]) -> bool:
@@ -123,6 +126,16 @@ class MixedLoRA:
                 flat.index_add_(0, order, delta)
             return output
 
+        def single(module, args, output):  # every row uses adapter k: its own A and B, no mask, no grouping
+            x = args[0] if args[0].dtype == a_all.dtype else args[0].to(a_all.dtype)
+            hidden = x.reshape(-1, x.shape[-1]) @ a_k
+            flat = output.view(-1, output.shape[-1])  # the base layer's fresh output: added to in place
+            if output.dtype == a_all.dtype:
+                flat.addmm_(hidden, b_k)
+            else:
+                flat.add_((hidden @ b_k).to(output.dtype))
+            return output
+
         def padded_products(rows: torch.Tensor, places: torch.Tensor | None, per_group: int) -> torch.Tensor:
             k = a_all.shape[0]
             if places is None:  # every adapter has per_group rows, in order: a view, nothing copied
@@ -133,7 +146,15 @@ class MixedLoRA:
             delta = torch.bmm(torch.bmm(padded, a_all), b_all).view(k * per_group, -1)
             return delta if places is None else delta.index_select(0, places)
 
-        return dense if self.dense else grouped
+        if self._single is None:
+            return dense if self.dense else grouped
+        k = self._single
+        if self.dense:
+            rank = a_all.shape[0] // len(self.adapters)
+            a_k, b_k = a_all[k * rank:(k + 1) * rank].t(), b_all[:, k * rank:(k + 1) * rank].t()
+        else:
+            a_k, b_k = a_all[k], b_all[k]
+        return single
 
     @contextmanager
     def rows(self, names: list[str]) -> Iterator[None]:
@@ -148,6 +169,7 @@ class MixedLoRA:
         dtype = self.layers[0][1].dtype if self.layers else torch.float32
         rows = torch.tensor([self.index.get(n, -1) for n in names], device=device)
         used = rows >= 0
+        self._single = int(rows[0]) if len(names) and bool((rows == rows[0]).all()) and bool(used[0]) else None
         if self.dense:
             one_hot = torch.zeros(len(names), len(self.adapters), dtype=dtype, device=device)
             one_hot[used, rows[used]] = 1
@@ -166,7 +188,7 @@ class MixedLoRA:
         finally:
             for handle in handles:
                 handle.remove()
-            self._masks, self._groups, self._offsets, self._padded = {}, None, {}, None
+            self._masks, self._groups, self._offsets, self._padded, self._single = {}, None, {}, None, None
 
 
 def padded_places(adapters: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor | None, int] | None:
