@@ -93,6 +93,25 @@ def test_a_decoding_step_with_many_adapters_gives_peft_logits(pool, names):
     torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("names", [
+    ["t6", "t2", "t6", NO_ADAPTER, "t2", "t6"],  # two of the stacked adapters, rows out of order
+    ["t2", "t2", "t5", "t5", "t7", NO_ADAPTER],  # in order, base rows last
+])
+def test_a_batch_on_few_of_many_adapters_gives_peft_logits(pool, stream, names):
+    """At most half the stacked adapters in the batch: their weights apart, prefill and a decoding step."""
+    prompts = [stream[i % 3][1].prompts[i] for i in range(len(names))]
+    batch = pool.tokenizer(prompts, return_tensors="pt", padding=True)
+    mixed = MixedLoRA(pool.model, [f"t{k}" for k in range(MANY)], dense=False)
+    with torch.no_grad():
+        reference = [pool.model(**batch, adapter_names=names).logits,
+                     pool.model(input_ids=batch["input_ids"][:, :1], adapter_names=names).logits]
+        for _ in range(2):  # the second batch on the same adapters reuses their weights
+            with mixed.rows(names):
+                fast = [pool.model(**batch).logits, pool.model(input_ids=batch["input_ids"][:, :1]).logits]
+            torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-4)
+    assert mixed._present[0] == tuple(sorted({int(n[1:]) for n in names if n != NO_ADAPTER}))
+
+
 def test_padded_places_put_each_row_in_its_adapters_group():
     adapters = torch.tensor([0, 0, 2, 3, 3, 3])  # in adapter order; adapter 1 has no row
     places, per_group = padded_places(adapters, torch.bincount(adapters, minlength=4))

@@ -15,7 +15,10 @@ adapter has and two batched products (`torch.bmm`) take all K at once, as long a
 than double the rows (one layer at 32 adapters: 332 -> 168 us; the whole step in the README, many
 adapters). On a GPU `grouped_mm` has its own kernels, so the padding is not used there (not measured).
 A batch whose rows all use one adapter (one task's traffic) skips both layouts: two plain products on that
-adapter's slice of the stack, as a model with a single LoRA runs.
+adapter's slice of the stack, as a model with a single LoRA runs. A batch on at most half of the stacked
+adapters (a server's batch of a few tasks with dozens loaded) takes their weights apart once per set of
+adapters, kept for the next steps: on a CPU `grouped_mm` spends ~6 us per empty group (4 adapters present of
+32 stacked: 244 -> 66 us a layer), more than the copy of the few adapters' weights.
 Rows of the base model use no adapter. Outputs equal PEFT's within float tolerance (tests pin every layout).
 """
 
@@ -30,7 +33,7 @@ if TYPE_CHECKING:
     import torch
     from peft import PeftModel
 
-DENSE_UP_TO = 16  # adapters; measured on SmolLM2-135M (benchmarks/routed_generation.py --sweep), see README
+DENSE_UP_TO = 4  # adapters; beyond, grouped + padded is faster (benchmarks/lora_step.py, --sweep; README)
 PADDED_UP_TO = 2.0  # padded rows per real row, at most, for a decoding step's batched products
 NO_ADAPTER = "__base__"  # PEFT's name for a row of the base model in mixed-adapter batches
 
@@ -77,6 +80,16 @@ class MixedLoRA:
         # them exactly, per_group); None when padding would more than PADDED_UP_TO-fold the rows
         self._padded: tuple[torch.Tensor | None, int] | None = None
         self._single: int | None = None  # the adapter of every row, when they all use the same one
+        # grouped layout: the adapters present in the last batch on at most half of them, and their weights
+        self._present: tuple[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = ((), [])
+
+    def _present_weights(self, present: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's A and B of the adapters `present` only (grouped layout): kept for the next batch on the
+        same adapters, as a decoding loop's steps are."""
+        key = tuple(present.tolist())
+        if self._present[0] != key:
+            self._present = key, [(a.index_select(0, present), b.index_select(0, present)) for _, a, b in self.layers]
+        return self._present[1]
 
     @staticmethod
     def supports(model: PeftModel, adapters: list[str]) -> bool:
@@ -175,13 +188,18 @@ class MixedLoRA:
             one_hot[used, rows[used]] = 1
             ranks = {a.shape[0] // len(self.adapters) for _, a, _ in self.layers}
             self._masks = {r: one_hot.repeat_interleave(r, dim=1) for r in ranks}
-        else:
-            order = torch.argsort(torch.where(used, rows, len(self.adapters)), stable=True)[:int(used.sum())]
+        weights = [(a, b) for _, a, b in self.layers]
+        if not self.dense and self._single is None:
+            present, groups = torch.unique(rows[used]), len(self.adapters)
+            if 0 < len(present) <= groups // 2:  # the groups of the adapters present only, no empty ones
+                weights, groups = self._present_weights(present), len(present)
+                rows = torch.searchsorted(present, rows).masked_fill_(~used, -1)
+            order = torch.argsort(torch.where(used, rows, groups), stable=True)[:int(used.sum())]
             in_order = bool((order == torch.arange(len(order), device=device)).all())  # base-model rows last
-            counts = torch.bincount(rows[used], minlength=len(self.adapters))
+            counts = torch.bincount(rows[used], minlength=groups)
             self._groups = (None if in_order else order, counts, len(order))
             self._padded = padded_places(rows[order], counts) if rows.device.type == "cpu" else None
-        handles = [m.register_forward_hook(self._hook(a, b)) for m, a, b in self.layers]
+        handles = [m.register_forward_hook(self._hook(a, b)) for (m, _, _), (a, b) in zip(self.layers, weights)]
         try:
             with adapters_off(self.tuner_layers):
                 yield
