@@ -17,6 +17,7 @@ from switchcit.bench.cache import GenerationCache
 from switchcit.bench.hub import dialogue_records
 from switchcit.bench.intervals import bootstrap, t_interval
 from switchcit.bench.methods import METHODS
+from switchcit.bench.report import render_seeds
 from switchcit.bench.seeds import aggregate
 from switchcit.bench.streams import cit, cit_prompt, cit_references, headline_constraint, load_stream, user
 
@@ -305,9 +306,17 @@ def test_aggregate_over_seeds():
     def run(ap, bwt, boot):
         method = {"ap": ap, "bwt": bwt, "ap_reworded": ap - 5, "bwt_reworded": None, "final": {"x": ap},
                   "final_reworded": {"x": ap - 5}, "seconds": 10.0, "bootstrap": {"ap": boot, "final": {"x": boot}}}
-        return {"config": {"stream": "s", "seed": 0}, "tasks": ["x"], "metrics": {}, "methods": {"switchcit": method}}
+        oracle = {**method, "ap": ap + 1, "ap_reworded": ap + 2 if ap < 52 else None}
+        config = {"stream": "s", "seed": 0, "model": "m", "train_examples": 8, "steps": 2, "batch_size": 2,
+                  "learning_rate": 1e-3, "eval_examples": 4, "max_new_tokens": 8}
+        return {"config": config, "tasks": ["x"], "metrics": {}, "methods": {"switchcit": method, "oracle": oracle}}
 
     results = aggregate({0: run(50.0, -1.0, [48.0, 52.0]), 1: run(54.0, 1.0, [51.0, 57.0])})
+    versus = results["methods"]["switchcit"]["minus_oracle"]  # paired by seed; a seed without a figure: none
+    assert versus["ap"]["per_seed"] == [-1.0, -1.0] and versus["ap"]["ci95"] == pytest.approx([-1.0, -1.0])
+    assert versus["ap_reworded"]["per_seed"] == [-7.0, None] and versus["ap_reworded"]["mean"] is None
+    assert "minus_oracle" not in results["methods"]["oracle"]
+    assert "| switchcit | -1.0 [-1.0, -1.0] | - |" in render_seeds(results)
     assert results["seeds"] == [0, 1] and "seed" not in results["config"]
     switch = results["methods"]["switchcit"]
     assert switch["ap"]["mean"] == 52.0 and switch["ap"]["per_seed"] == [50.0, 54.0]

@@ -258,7 +258,7 @@ def _figure_cell(fig: dict) -> str:
 
 def render_seeds(results: dict) -> str:
     """The aggregate over seeds as Markdown: means with t-intervals, then each seed with its bootstrap intervals."""
-    from .seeds import FIGURES
+    from .seeds import FIGURES, REFERENCE
 
     config, tasks, methods, seeds = results["config"], results["tasks"], results["methods"], results["seeds"]
     keys = [k for k in FIGURES if any(m[k]["per_seed"] != [None] * len(seeds) for m in methods.values())]
@@ -279,6 +279,13 @@ def render_seeds(results: dict) -> str:
     lines += _table(["method", *header, "seconds per seed"],
                     [[m, *(_figure_cell(r[k]) for k in keys), ", ".join(_cell(x) for x in r["seconds"])]
                      for m, r in methods.items()])
+    paired = {m: r[f"minus_{REFERENCE}"] for m, r in methods.items() if f"minus_{REFERENCE}" in r}
+    if paired:
+        lines += [f"## Difference to the {REFERENCE}, paired by seed (mean [95% t-interval])", "",
+                  f"Each seed's figure minus the {REFERENCE}'s on the same seed: an interval that holds 0 finds no "
+                  "difference at this number of seeds.", ""]
+        lines += _table(["method", "AP", "AP reworded"],
+                        [[m, *(_figure_cell(d[k]) for k in ("ap", "ap_reworded"))] for m, d in paired.items()])
     lines += ["## Per seed [95% bootstrap interval over prompts]", ""]
     lines += _table(["method", "seed", *header],
                     [[m, str(seed), *(_with_interval(r[k]["per_seed"][i], (r[k].get("per_seed_ci95") or [None] *

@@ -20,6 +20,7 @@ from .protocol import BenchConfig, run_bench
 from .streams import Stream
 
 FIGURES = ("ap", "bwt", "ap_reworded", "bwt_reworded")
+REFERENCE = "oracle"  # the bound a method is compared with, paired by seed (the paper's claim: SwitchCIT ~ oracle)
 
 
 def seed_folder(out: Path, seed: int) -> Path:
@@ -42,10 +43,21 @@ def aggregate(runs: dict[int, dict]) -> dict:
                                      [((b.get(part) or {}).get(t)) for b in boot]) for t in tasks}
         entry["seconds"] = [r.get("seconds") for r in per]
         methods[name] = entry
+    if REFERENCE in methods:
+        for name, entry in methods.items():
+            if name != REFERENCE:
+                entry[f"minus_{REFERENCE}"] = {k: paired_difference(entry[k], methods[REFERENCE][k])
+                                                for k in ("ap", "ap_reworded")}
     return {"seeds": seeds, "config": {k: v for k, v in first["config"].items() if k != "seed"},
             "command": first.get("command"), "machine": first.get("machine"), "versions": first.get("versions"),
             "tasks": first["tasks"], "metrics": first["metrics"],
             "runs": {str(s): seed_folder(Path(), s).as_posix() for s in seeds}, "methods": methods}
+
+
+def paired_difference(a: dict, b: dict) -> dict:
+    """A figure minus another, seed by seed, with the t-interval of the differences: the seeds share data order
+    and evaluation prompts, so pairing removes their common noise."""
+    return figure([None if x is None or y is None else x - y for x, y in zip(a["per_seed"], b["per_seed"])])
 
 
 def check_layout(out: Path, config: BenchConfig) -> None:
