@@ -11,10 +11,11 @@ store has: each task's training rows, their variants (variants.py) and the shipp
   with the classifier alone: each kind held out in turn (the task refitted without a fifth of its rows
   and without that kind everywhere, tested on the held-out rows' variants of that kind), and each
   training wording held out where a task has several (`held_out_kind`, `left_out_wording`, % routed right).
-- `margin`: the background margin with the full switch: the background requests in 5 folds by kind
-  (the mean of 4, the 5th scored: `background_caught`), each task refitted without a fifth of its rows
-  and scored on them and their variants (`held_out_to_base`), and each task left out as the unknown
-  (`task_left_out_caught`).
+- `margin`: the background margin (and the regions' `unknown_shrinkage`) with the full switch: the
+  background requests in 5 folds by kind (the mean of 4, the 5th scored: `background_caught`), each task
+  refitted without a fifth of its rows and scored on them and their variants, beside the other tasks
+  (`held_out_to_base`) and alone, a store's first task (`held_out_to_base_alone`), and each task left out
+  as the unknown (`task_left_out_caught`).
 
 Features come from the routing benchmark's cache under OUT/routing-cache (so point --out at a routing
 run to encode nothing); one JSON line per setting is printed and all of them written to OUT/routing-cv.json.
@@ -102,9 +103,9 @@ def kinds_cv(features: Features, kinds: dict[str, list[str]], use: set[str], wei
 
 
 def margin_cv(features: Features, background: torch.Tensor, categories: list[str], margin: float,
-              views: int) -> dict:
+              views: int, unknown_shrinkage: float) -> dict:
     order = list(features.train)
-    switch = replace(SwitchConfig(), background_margin=margin)
+    switch = replace(SwitchConfig(), background_margin=margin, unknown_shrinkage=unknown_shrinkage)
     memory = MemoryConfig()
     memories = {t: remember(features.train[t], memory, switch, features.wordings[t], features.variants[t], views)
                 for t in order}
@@ -118,7 +119,7 @@ def margin_cv(features: Features, background: torch.Tensor, categories: list[str
     caught = [sum(to_base(memories, background[fold_of == k], background[fold_of != k].mean(dim=0))) /
               int((fold_of == k).sum()) for k in range(FOLDS)]
     full_mean = background.mean(dim=0)
-    rejected = total = 0
+    rejected = total = rejected_alone = 0
     for task in order:
         held = held_out_fold(len(features.train[task]))
         wordings = [w for w, h in zip(features.wordings[task], held.tolist()) if not h]
@@ -128,10 +129,12 @@ def margin_cv(features: Features, background: torch.Tensor, categories: list[str
         x = rows_and_variants(features.train[task], held.nonzero()[:, 0], features.variants[task])
         found = to_base(refit, x, full_mean)
         rejected, total = rejected + sum(found), total + len(found)
+        rejected_alone += sum(to_base({task: refit[task]}, x, full_mean))  # a store of this task alone
     left_out = [sum(to_base({u: m for u, m in memories.items() if u != t}, features.train[t], full_mean)) /
                 len(features.train[t]) for t in order] if len(order) > 1 else []
     return {"background_caught": round(100 * sum(caught) / FOLDS, 1),
             "held_out_to_base": round(100 * rejected / total, 1),
+            "held_out_to_base_alone": round(100 * rejected_alone / total, 1),
             "task_left_out_caught": round(100 * sum(left_out) / len(left_out), 1) if left_out else None}
 
 
@@ -146,6 +149,8 @@ def main() -> None:
     parser.add_argument("--encoder", default=DEFAULT_ENCODER, help="as `bench --routing-only --encoder`")
     parser.add_argument("--weights", default="0,0.25,0.5")
     parser.add_argument("--margins", default="0,5,10,20")
+    parser.add_argument("--unknown-shrinkages", default=str(SwitchConfig().unknown_shrinkage),
+                        help="the regions' shrinkage toward the identity, comma-separated")
     args = parser.parse_args()
 
     stream = load_stream(args.stream, args.data_dir, args.train_examples, args.eval_examples, 0, args.shape)
@@ -166,10 +171,11 @@ def main() -> None:
     requests = background_requests()
     background = encoder.encode([r["text"] for r in requests]).double()
     for margin in [float(m) for m in args.margins.split(",")]:
-        rows.append({"study": "margin", "margin": margin,
-                     **margin_cv(features, background, [r["category"] for r in requests], margin,
-                                 views(args.encoder))})
-        print(json.dumps(rows[-1]), flush=True)
+        for shrinkage in [float(u) for u in args.unknown_shrinkages.split(",")]:
+            rows.append({"study": "margin", "margin": margin, "unknown_shrinkage": shrinkage,
+                         **margin_cv(features, background, [r["category"] for r in requests], margin,
+                                     views(args.encoder), shrinkage)})
+            print(json.dumps(rows[-1]), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "routing-cv.json").write_text(json.dumps({"stream": args.stream, "shape": args.shape,
                                                           "rows": rows}, indent=2))

@@ -12,7 +12,14 @@ from test_bench import parse
 from switchcit import BASE, ContinualModel, SwitchcitError, SwitchConfig, Task
 from switchcit.bench.routing import RoutingConfig, encode_stream, memories_for
 from switchcit.bench.streams import SHAPES, load_stream
-from switchcit.gaussian import FEW_ROWS_FACTOR, GaussianSwitch, TaskStats, calibrate, wording_folds
+from switchcit.gaussian import (
+    FEW_ROWS_FACTOR,
+    GaussianSwitch,
+    TaskStats,
+    calibrate,
+    squared_distances,
+    wording_folds,
+)
 from switchcit.memory import MemoryConfig, TaskMemory, build_switch, load_switch, remember
 from switchcit.variants import encode_variants, prompt_variants, segments, variants
 
@@ -118,6 +125,12 @@ def test_routing_benchmark_on_the_demo_stream(tmp_path):
             assert (stage["auroc"] is not None) == (has_fallback and k < 4)
     gaussian = report["routers"]["gaussian"]["stages"]
     assert [s["seen"] for s in gaussian] == [s["joint_seen"] for s in gaussian]  # incremental is joint
+    small = report["routers"]["gaussian"]["small_task"]  # the last task from its first 2, 5, 10 rows
+    assert small["task"] == report["config"]["tasks"][-1] and [r["rows"] for r in small["with"]] == [2, 5, 10]
+    assert small["without"]["general_caught"] == gaussian[-2]["unknown_caught_general"]  # the store before it
+    assert small["without"]["seen"] == gaussian[-2]["seen"] and small["without"]["own_seen"] is None
+    assert all(0 <= r["own_seen"] <= 100 and r["general_caught"] is not None for r in small["with"])
+    assert "small_task" in report["routers"]["mlp"] and "small_task" not in report["routers"]["knn"]
     assert gaussian[-1]["seen"] >= 90
     assert report["routers"]["gaussian"]["tradeoff"][0]["multiplier"] < 1
     last = report["shapes"]["one_wording"]["routers"]["gaussian"]["tradeoff_last_stage"]
@@ -127,6 +140,7 @@ def test_routing_benchmark_on_the_demo_stream(tmp_path):
     assert rejected[0] > rejected[-1]
     text = (out / "report.md").read_text()
     assert "| `gaussian` |" in text and "Trade-off of `gaussian`" in text and "Trade-off after the last stage" in text
+    assert "A task from a few rows" in text
     assert (out / "routing.png").stat().st_size > 0
     def cache_files() -> list[tuple[str, int]]:
         return sorted((str(p), p.stat().st_mtime_ns) for p in (out / "routing-cache").rglob("*") if p.is_file())
@@ -242,6 +256,25 @@ def test_a_task_of_a_few_rows_swallows_no_unknown_requests(rows):
     without = GaussianSwitch.fit({"big": stats["big"]}, calibrations, config.shrinkage, config.unknown_shrinkage)
     assert (switch.unknown_score(probes) > 1).all() and (without.unknown_score(probes) > 1).all()
     assert (switch.unknown_score(big) <= 1).float().mean() >= 0.9  # the big task's region is not narrowed away
+
+
+def test_a_store_of_one_task_keeps_its_new_prompts():
+    """A region's threshold is calibrated on held-out rows; under a covariance that counts those rows they lie
+    nearer their mean than new prompts do, and with one task the covariance is all its own: a first task of 100
+    rows in 128 dims sent 28% of its new prompts to base (regions shrunk 0.8 toward the identity; 7% at 1)."""
+    g = torch.Generator().manual_seed(0)
+    dim, config, memory = 128, SwitchConfig(), MemoryConfig()
+    scales = torch.logspace(0, -1.5, dim)  # a spread that varies by direction, as sentence features do
+    rows, new = torch.randn(100, dim, generator=g) * scales, torch.randn(400, dim, generator=g) * scales
+    alone = build_switch({"first": remember(rows, memory, config)}, config)
+    assert (alone.unknown_score(new) > 1).float().mean() <= 0.1
+    other = torch.randn(100, dim, generator=g) * scales + 3.0  # a later task leaves the first one's region as it was
+
+    def inside(switch: GaussianSwitch) -> torch.Tensor:  # the first task's distances over its threshold
+        return squared_distances(new, switch.means[:1], switch.region_precision)[:, 0] / switch.thresholds[0]
+
+    both = build_switch({"first": remember(rows, memory, config), "other": remember(other, memory, config)}, config)
+    assert torch.allclose(inside(both), inside(alone))
 
 
 def test_variants_drop_cut_move_unlabel_and_half_word_the_instruction_whatever_the_rows_shape():

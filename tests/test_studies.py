@@ -61,7 +61,8 @@ def test_memory_and_arrow_studies_on_a_smoke_run(tmp_path, other_tiny_model):
     prompts = [e.prompt for t in stream.tasks for e in t.seen]
     cm = ContinualModel(out / "switchcit" / "store", fallback=False)
     store_routes = [r.task for r in cm.route(prompts)]
-    features = load_file(str(out / "studies" / "features-embedded_all-MiniLM-L6-v2.safetensors"))
+    [cached] = (out / "studies").glob("features-embedded_all-MiniLM-L6-v2-*.safetensors")  # keyed by prompts too
+    features = load_file(str(cached))
     seen = torch.cat([features[f"seen/{t}"] for t in tasks])
     rebuilt = build_switch({t.name: cm.store.memory(t) for t in cm.tasks}, cm.switch_config)
     assert rebuilt.predict(seen)[0] == cm.switch.predict(seen)[0] == store_routes

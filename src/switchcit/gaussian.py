@@ -11,13 +11,16 @@ Each task's statistics also count the variants of its prompts (`task_stats`), so
 wording shows the metric how a wording moves its prompts.
 
 A request is of no known task when it lies outside every task's region: its squared Mahalanobis
-distance to each task's mean exceeds that task's threshold. Regions use a covariance shrunk harder
-toward the identity than the classifier's (`unknown_shrinkage`): a new wording of a known task moves
-along directions its task never varied in, which a lightly shrunk metric punishes as much as a new task.
-Each threshold is calibrated on the task's held-out rows and their variants (variants.py) and kept as
-moments that any later metric can measure exactly (`Calibration`), so it follows the covariance as
-later tasks change it and depends on no other task: the switch after stage k, fallback included, is
-exactly the switch fitted on all k tasks at once.
+distance to each task's mean exceeds that task's threshold. Regions use the covariance shrunk all the way
+to the identity by default (`unknown_shrinkage` 1.0), so each region is a ball: a threshold is calibrated
+on held-out rows, but the shared covariance counts those same rows, so under it they lie nearer their mean
+than new prompts do. With many tasks one task's share of the covariance is small; with one task it is all
+of it: a store of one CIT task sent 22% of its held-out rows and variants to base at 0.8, one of a
+BIG-bench task of 100 rows every test prompt; at 1.0, 3.2%, and a whole store's figures stayed
+(benchmarks/routing_cv.py). Each threshold is calibrated on the task's held-out rows and their variants
+(variants.py) and kept as moments that any later metric can measure exactly (`Calibration`), so it
+follows the covariance as later tasks change it and depends on no other task: the switch after stage k,
+fallback included, is exactly the switch fitted on all k tasks at once.
 """
 
 from __future__ import annotations

@@ -38,7 +38,9 @@ class SwitchConfig:
                               "nothing) or 'mlp' (the paper's MLP over a retained memory) (default: the store's; "
                               f"{DEFAULT_ROUTER} for a new store)", choices=ROUTERS)
     shrinkage: float = knob(0.2, low=0, high=1)  # gaussian: weight of the identity in the classifier's covariance
-    unknown_shrinkage: float = knob(0.8, low=0, high=1)  # gaussian: the same for the fallback's task regions
+    # gaussian: the same for the fallback's task regions; at 1 (the identity) a region is a ball, measured alike
+    # for held-out and new prompts (gaussian.py: below 1, a store of one task sent 22% of its held-out rows to base)
+    unknown_shrinkage: float = knob(1.0, low=0, high=1)
     false_rejection: float = knob(0.05, "--false-rejection", "share of a task's held-out prompts, and of their "
                                   "variants (instruction dropped, cut, moved, unlabelled or half-worded), outside its "
                                   "region; the unknown-request fallback sends fewer of its real new prompts to the "

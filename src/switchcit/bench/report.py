@@ -371,6 +371,19 @@ def render_routing(report: dict) -> str:
         lines += _table(["shape", "router", *reworded_tasks],
                         [[shape, f"`{name}`", *[_cell(by_task.get(t)) for t in reworded_tasks]]
                          for (shape, name), by_task in reworded.items()])
+    small = [(shape, name, r["small_task"]) for shape, by in report.get("shapes", {}).items()
+             for name, r in by["routers"].items() if r.get("small_task")]
+    if small:
+        lines += ["", "## A task from a few rows: the last task learned from its first rows alone, beside the others",
+                  "",
+                  "Rows 0 is the store without it. It must swallow no unknown requests (general requests caught "
+                  "within 5 points of the store without it) and take no other task's prompts.", ""]
+        lines += _table(["shape", "router", "task", "rows", "general requests caught", "other stream caught",
+                         "other tasks: seen", "other tasks: reworded", "its own test prompts"],
+                        [[shape, f"`{name}`", found["task"], str(row.get("rows", 0)), _cell(row["general_caught"]),
+                          _cell(row["others_caught"]), _cell(row["seen"]), _cell(row["reworded"]),
+                          _cell(row["own_seen"])]
+                         for shape, name, found in small for row in [found["without"], *found["with"]]])
     lines += ["", "## Accuracy on training wordings after each stage (incremental / joint)", ""]
     lines += _table(["router", *[f"after {t}" for t in config["tasks"]]],
                     [[f"`{name}`", *[f"{_cell(s['seen'])} / {_cell(s['joint_seen'])}" for s in r["stages"]]]

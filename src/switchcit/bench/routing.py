@@ -20,6 +20,8 @@ prompt sent to base is a miss):
 - joint_seen / joint_unseen: the same router fitted at stage k on all data of tasks 1..k at once (the
   MLP on every feature instead of the retained memory; the Gaussian switch is the same by construction);
   the gap to `seen` / `unseen` is the switch's own forgetting.
+After the last stage, `small_task`: the last task learned from only 2, 5 or 10 rows beside the others, against
+the store without it (everyday and other-stream requests caught, the other tasks' prompts routed right).
 
 Every figure is measured for each shape of the training rows (`streams.SHAPES`): as the stream builds them,
 the whole prompt as one instruction, one wording per task; each stage row names its `shape`.
@@ -324,6 +326,42 @@ def tradeoff(raws: list[dict]) -> list[dict]:
              "false_rejection_lowo": above("lowo", m)} for m in CURVE]
 
 
+SMALL_TASK_ROWS = (2, 5, 10)  # users start tasks from a handful of examples
+
+
+def small_task(kind: str, features: Features, order: list[str], config: RoutingConfig,
+               memories: dict[str, TaskMemory]) -> dict | None:
+    """The stream's last task learned from only its first 2, 5 or 10 rows beside the others, against the store
+    without it: a task of a few rows must neither widen any region nor swallow unknown requests (its threshold
+    has no spread to calibrate on: gaussian.FEW_ROWS_FACTOR)."""
+    import torch
+
+    *rest, last = order
+    if not rest:
+        return None
+    switch = replace(config.switch, router=kind)
+
+    def figures(mems: dict[str, TaskMemory]) -> dict:
+        fitted = Fitted(kind, mems, {}, config, features.background)
+        reworded = {t: features.reworded[t] for t in rest if len(features.reworded[t])}
+        return {"general_caught": _share(sum(r == BASE for r in fitted.route(features.general)), len(features.general)),
+                "others_caught": _share(sum(r == BASE for r in fitted.route(features.others)), len(features.others)),
+                "seen": _accuracy(fitted, {t: features.seen[t] for t in rest})[0],
+                "reworded": _accuracy(fitted, reworded)[0],
+                "own_seen": _accuracy(fitted, {last: features.seen[last]})[0] if last in mems else None}
+
+    found = {"task": last, "without": figures({t: memories[t] for t in rest}), "with": []}
+    for n in SMALL_TASK_ROWS:
+        if n >= len(features.train[last]):
+            break
+        held = torch.arange(len(features.train[last])) >= n  # every row but the first n
+        wordings = features.wordings[last][:n] if features.wordings[last] else None
+        small = remember(features.train[last][:n], config.memory, switch, wordings,
+                         kept_variants(features, last, held), views(config.encoder))
+        found["with"].append({"rows": n, **figures({**{t: memories[t] for t in rest}, last: small})})
+    return found
+
+
 def score_routers(stream: Stream, shape: str, encoder: Encoder, config: RoutingConfig, cache: Path,
                   progress: bool) -> tuple[Features, dict]:
     """Every router at every stage of `stream`, its training rows in `shape`."""
@@ -346,6 +384,8 @@ def score_routers(stream: Stream, shape: str, encoder: Encoder, config: RoutingC
         if last:  # the targets hold after the last stage: rewordings kept against everyday requests caught
             curves["tradeoff_last_stage"] = tradeoff([last])
         results[kind] = {"stages": rows, **curves}
+        if kind in ROUTERS:
+            results[kind]["small_task"] = small_task(kind, features, order, config, memories)
     return features, results
 
 

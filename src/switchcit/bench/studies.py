@@ -57,11 +57,16 @@ Features = dict[str, dict[str, "torch.Tensor"]]  # split ('train', 'seen', 'unse
 
 
 def stream_features(reference: str, make_encoder: Callable[[], Encoder], stream: Stream, folder: Path) -> Features:
-    """Features of every training and evaluation prompt, cached on disk per encoder: a rerun reuses them
-    without loading the encoder at all."""
+    """Features of every training and evaluation prompt, cached on disk per encoder and prompts (a changed
+    stream or model encodes anew): a rerun reuses them without loading the encoder at all."""
+    import hashlib
+    import json
+
     from safetensors.torch import load_file, save_file
 
-    path = folder / f"features-{slug(reference)}.safetensors"
+    texts = [[t.name, t.train.prompts, [e.prompt for e in t.seen], [e.prompt for e in t.unseen]] for t in stream.tasks]
+    key = hashlib.sha256(json.dumps([reference, texts]).encode()).hexdigest()[:12]
+    path = folder / f"features-{slug(reference)}-{key}.safetensors"
     if path.exists():
         flat = load_file(str(path))
     else:
