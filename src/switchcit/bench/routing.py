@@ -207,6 +207,11 @@ def _share(hits: int, total: int) -> float | None:
     return None if total == 0 else round(100.0 * hits / total, 2)
 
 
+def _sent_to_base(fitted: Fitted, features: torch.Tensor) -> float | None:
+    """Percent of these prompts the router sends to the base model."""
+    return _share(sum(r == BASE for r in fitted.route(features)), len(features))
+
+
 def _accuracy(fitted: Fitted, by_task: dict[str, torch.Tensor]) -> tuple[float | None, float | None]:
     """(routed to their task, sent to base) in percent, over all prompts of these tasks."""
     right = rejected = total = 0
@@ -302,13 +307,13 @@ def score_stage(kind: str, features: Features, order: list[str], k: int, config:
               "reworded": fitted.score(torch.cat(list(reworded.values()))) if reworded else None,
               "unknown": fitted.score(unknown) if len(unknown) else None, "lowo": lowo_scores}
     known = torch.cat([s for s in (scores["seen"], scores["unseen"], scores["reworded"]) if s is not None])
-    caught = {name: _share(sum(r == BASE for r in fitted.route(x)), len(x))
+    caught = {name: _sent_to_base(fitted, x)
               for name, x in (("demo", features.others), ("general", features.general))}
     row.update(false_rejection_seen=seen_rejected, false_rejection_unseen=unseen_rejected,
                false_rejection_reworded=reworded_rejected, unknown_caught_demo=caught["demo"],
                unknown_caught_general=caught["general"], auroc_general=auroc(scores["general"], known))
     if len(unknown):
-        row.update(unknown_caught=_share(sum(r == BASE for r in fitted.route(unknown)), len(unknown)),
+        row.update(unknown_caught=_sent_to_base(fitted, unknown),
                    auroc=auroc(scores["unknown"], known))
     return row, scores
 
@@ -344,8 +349,8 @@ def small_task(kind: str, features: Features, order: list[str], config: RoutingC
     def figures(mems: dict[str, TaskMemory]) -> dict:
         fitted = Fitted(kind, mems, {}, config, features.background)
         reworded = {t: features.reworded[t] for t in rest if len(features.reworded[t])}
-        return {"general_caught": _share(sum(r == BASE for r in fitted.route(features.general)), len(features.general)),
-                "others_caught": _share(sum(r == BASE for r in fitted.route(features.others)), len(features.others)),
+        return {"general_caught": _sent_to_base(fitted, features.general),
+                "others_caught": _sent_to_base(fitted, features.others),
                 "seen": _accuracy(fitted, {t: features.seen[t] for t in rest})[0],
                 "reworded": _accuracy(fitted, reworded)[0],
                 "own_seen": _accuracy(fitted, {last: features.seen[last]})[0] if last in mems else None}
