@@ -2,6 +2,7 @@
 
     python benchmarks/routing_cv.py --stream cit --data-dir ../shared/data/cit [--shape as_built] [--encoder E]
         [--out docs/results/cit-routing-shapes] [--weights 0,0.25,0.5] [--margins 0,5,10,20]
+        [--studies kinds,margin,few_rows] [--mean-uncertainties 0,0.25,0.5,0.75,1]
 
 Why: the scored sets of `bench --routing-only` (rewordings, everyday requests) stand for wordings and
 requests that no one sees in advance, so no default may be tuned on them. This script chooses on what a
@@ -16,6 +17,10 @@ store has: each task's training rows, their variants (variants.py) and the shipp
   refitted without a fifth of its rows and scored on them and their variants, beside the other tasks
   (`held_out_to_base`) and alone, a store's first task (`held_out_to_base_alone`), and each task left out
   as the unknown (`task_left_out_caught`).
+- `few_rows`: the classifier's allowance for a task's mean estimated from few rows (gaussian.MEAN_UNCERTAINTY):
+  every task in turn learned from its first 2, 5 or 10 rows beside the others, each of those learned from half of
+  its rows; % of the few-row task's other rows that reach it (`own`), of the other tasks' held-out halves that it
+  takes (`others_taken`), and of the background requests it takes past the fallback (`background_taken`).
 
 Features come from the routing benchmark's cache under OUT/routing-cache (so point --out at a routing
 run to encode nothing); one JSON line per setting is printed and all of them written to OUT/routing-cv.json.
@@ -35,7 +40,7 @@ from switchcit.background import background_requests
 from switchcit.bench.routing import Features, RoutingConfig, encode_stream, kept_variants
 from switchcit.bench.streams import load_stream
 from switchcit.encoders import DEFAULT_ENCODER, load_encoder, views
-from switchcit.gaussian import TaskStats, pooled_precision, squared_distances, task_stats
+from switchcit.gaussian import GaussianSwitch, TaskStats, pooled_precision, squared_distances, task_stats
 from switchcit.memory import MemoryConfig, build_switch, remember
 from switchcit.switch import SwitchConfig
 from switchcit.variants import named_variants, prompt_variants, rows_and_variants
@@ -138,6 +143,45 @@ def margin_cv(features: Features, background: torch.Tensor, categories: list[str
             "task_left_out_caught": round(100 * sum(left_out) / len(left_out), 1) if left_out else None}
 
 
+FEW_ROWS = (2, 5, 10)
+
+
+def few_rows_cv(features: Features, background: torch.Tensor, uncertainties: list[float], views: int) -> list[dict]:
+    """One row per (rows, mean uncertainty): see the module's docstring."""
+    order = list(features.train)
+    switch, memory = SwitchConfig(), MemoryConfig()
+    generator = torch.Generator().manual_seed(0)
+    halves = {t: torch.rand(len(features.train[t]), generator=generator) < 0.5 for t in order}  # True: held out
+    half = {t: remember(features.train[t][~halves[t]], memory, switch, None, kept_variants(features, t, halves[t]),
+                        views) for t in order}
+    found = {(n, c): [0] * 6 for n in FEW_ROWS for c in uncertainties}  # hits and totals of the three sets
+    for task in order:
+        rows = features.train[task]
+        others = torch.cat([features.train[u][halves[u]] for u in order if u != task])
+        for n in FEW_ROWS:
+            if n >= len(rows):
+                continue
+            later = torch.arange(len(rows)) >= n
+            memories = {**half, task: remember(rows[:n], memory, switch, None, kept_variants(features, task, later),
+                                               views)}
+            fitted = build_switch(memories, switch, background=features.background, views=views)
+            counts = torch.tensor([memories[t].stats.count for t in fitted.labels], dtype=torch.float64)
+            for c in uncertainties:
+                scaled = GaussianSwitch(fitted.labels, fitted.means, fitted.precision, fitted.region_precision,
+                                        fitted.thresholds, fitted.background, fitted.background_margin,
+                                        fitted.routed_dims, 1 + c / counts)
+                tally = found[(n, c)]
+                for i, x in enumerate((rows[later], others, background)):
+                    labels, _ = scaled.predict(x)
+                    known = scaled.known(x, labels)
+                    tally[2 * i] += sum(label == task and k for label, k in zip(labels, known))
+                    tally[2 * i + 1] += len(x)
+    return [{"study": "few_rows", "rows": n, "mean_uncertainty": c,
+             **{key: round(100 * t[2 * i] / t[2 * i + 1], 2)
+                for i, key in enumerate(("own", "others_taken", "background_taken"))}}
+            for (n, c), t in found.items()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stream", default="cit")
@@ -151,7 +195,11 @@ def main() -> None:
     parser.add_argument("--margins", default="0,5,10,20")
     parser.add_argument("--unknown-shrinkages", default=str(SwitchConfig().unknown_shrinkage),
                         help="the regions' shrinkage toward the identity, comma-separated")
+    parser.add_argument("--studies", default="kinds,margin,few_rows",
+                        help="which studies to run; a rerun replaces only their rows in OUT/routing-cv.json")
+    parser.add_argument("--mean-uncertainties", default="0,0.25,0.5,0.75,1")
     args = parser.parse_args()
+    studies = set(args.studies.split(","))
 
     stream = load_stream(args.stream, args.data_dir, args.train_examples, args.eval_examples, 0, args.shape)
     encoder = load_encoder(args.encoder)
@@ -161,7 +209,7 @@ def main() -> None:
     kinds = {t.name: variant_kinds(t.train.prompts) for t in stream.tasks}
     every = sorted({k for ks in kinds.values() for k in ks})
     rows = []
-    for weight in [float(w) for w in args.weights.split(",")]:
+    for weight in [float(w) for w in args.weights.split(",")] if "kinds" in studies else []:
         for use in ([every] if weight == 0 else [every] + [[k for k in every if k != drop] for drop in every]):
             rows.append({"study": "kinds", "weight": weight, "kinds": use if weight else [],
                          **kinds_cv(features, kinds, set(use), weight, routed)})
@@ -170,15 +218,22 @@ def main() -> None:
                 break
     requests = background_requests()
     background = encoder.encode([r["text"] for r in requests]).double()
-    for margin in [float(m) for m in args.margins.split(",")]:
+    for margin in [float(m) for m in args.margins.split(",")] if "margin" in studies else []:
         for shrinkage in [float(u) for u in args.unknown_shrinkages.split(",")]:
             rows.append({"study": "margin", "margin": margin, "unknown_shrinkage": shrinkage,
                          **margin_cv(features, background, [r["category"] for r in requests], margin,
                                      views(args.encoder), shrinkage)})
             print(json.dumps(rows[-1]), flush=True)
+    if "few_rows" in studies:
+        for row in few_rows_cv(features, background, [float(c) for c in args.mean_uncertainties.split(",")],
+                               views(args.encoder)):
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    path = args.out / "routing-cv.json"
+    kept = json.loads(path.read_text())["rows"] if path.exists() else []
+    rows = [r for r in kept if r["study"] not in studies] + rows
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "routing-cv.json").write_text(json.dumps({"stream": args.stream, "shape": args.shape,
-                                                          "rows": rows}, indent=2))
+    path.write_text(json.dumps({"stream": args.stream, "shape": args.shape, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from switchcit.bench.routing import RoutingConfig, encode_stream, memories_for
 from switchcit.bench.streams import SHAPES, load_stream
 from switchcit.gaussian import (
     FEW_ROWS_FACTOR,
+    MEAN_UNCERTAINTY,
     GaussianSwitch,
     TaskStats,
     calibrate,
@@ -256,6 +257,39 @@ def test_a_task_of_a_few_rows_swallows_no_unknown_requests(rows):
     without = GaussianSwitch.fit({"big": stats["big"]}, calibrations, config.shrinkage, config.unknown_shrinkage)
     assert (switch.unknown_score(probes) > 1).all() and (without.unknown_score(probes) > 1).all()
     assert (switch.unknown_score(big) <= 1).float().mean() >= 0.9  # the big task's region is not narrowed away
+
+
+def test_a_task_of_a_few_rows_reaches_its_own_new_prompts(tmp_path):
+    """A mean from 3 rows is off by a third of the task's spread, so its new prompts lie farther from it than
+    from the means of tasks of 200 rows: the classifier allows for that (MEAN_UNCERTAINTY), the fallback does
+    not, and a switch saved before the allowance existed routes as it did."""
+    g = torch.Generator().manual_seed(0)
+    dim, config = 32, SwitchConfig()
+    centres = 0.6 * torch.randn(4, dim, generator=g)  # tasks close enough that the few-row mean's error matters
+    rows = {f"t{i}": centres[i] + torch.randn(200, dim, generator=g) for i in range(3)}
+    rows["few"] = centres[3] + torch.randn(3, dim, generator=g)
+    fresh = {t: centres[i] + torch.randn(300, dim, generator=g) for i, t in enumerate(rows)}
+    switch = build_switch({t: remember(x, MemoryConfig(), config) for t, x in rows.items()}, config)
+    expected = [1 + MEAN_UNCERTAINTY / 200] * 3 + [1 + MEAN_UNCERTAINTY / 3]
+    assert switch.distance_scale.tolist() == pytest.approx(expected)
+    plain = GaussianSwitch(switch.labels, switch.means, switch.precision, switch.region_precision, switch.thresholds)
+
+    def share(s: GaussianSwitch, task: str, to: str) -> float:
+        return sum(label == to for label in s.predict(fresh[task])[0]) / len(fresh[task])
+
+    assert share(switch, "few", "few") >= share(plain, "few", "few") + 0.1  # 0.94 against 0.79
+    assert max(share(switch, t, "few") for t in ("t0", "t1", "t2")) <= 0.05  # the others keep their prompts
+    probe = torch.cat(list(fresh.values()))
+    assert torch.equal(switch.unknown_score(probe), plain.unknown_score(probe))  # the fallback is as it was
+    switch.save(tmp_path / "new")
+    assert load_switch(tmp_path / "new").predict(probe)[0] == switch.predict(probe)[0]
+    plain.save(tmp_path / "old")
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(tmp_path / "old" / "switch.safetensors"))
+    del tensors["distance_scale"]  # as a switch saved before it existed
+    save_file(tensors, str(tmp_path / "old" / "switch.safetensors"))
+    assert load_switch(tmp_path / "old").predict(probe)[0] == plain.predict(probe)[0]
 
 
 def test_a_store_of_one_task_keeps_its_new_prompts():
