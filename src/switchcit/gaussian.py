@@ -132,7 +132,7 @@ def wording_folds(wordings: list[str | None] | None) -> list[list[int]] | None:
 
 
 # half the predictive correction (1 + 1/n): cross-validated on training rows (every task in turn learned from
-# 2, 5 or 10 rows beside the others), 0.5 brought a few-row task 2-15 points more of its own rows while it took
+# 2, 5 or 10 rows beside the others), 0.5 brought a few-row task 1.5-15.5 points more of its own rows, taking
 # at most 0.04% of the other tasks' (the whole correction: 1.1% on CIT); benchmarks/routing_cv.py few_rows_cv
 MEAN_UNCERTAINTY = 0.5
 CALIBRATION_ROWS = 16  # fewest rows whose folds each leave a covariance with some spread
