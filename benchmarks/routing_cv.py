@@ -40,7 +40,7 @@ from switchcit.background import background_requests
 from switchcit.bench.routing import Features, RoutingConfig, encode_stream, kept_variants
 from switchcit.bench.streams import load_stream
 from switchcit.encoders import DEFAULT_ENCODER, load_encoder, views
-from switchcit.gaussian import GaussianSwitch, TaskStats, pooled_precision, squared_distances, task_stats
+from switchcit.gaussian import TaskStats, pooled_precision, squared_distances, task_stats
 from switchcit.memory import MemoryConfig, build_switch, remember
 from switchcit.switch import SwitchConfig
 from switchcit.variants import named_variants, prompt_variants, rows_and_variants
@@ -167,13 +167,11 @@ def few_rows_cv(features: Features, background: torch.Tensor, uncertainties: lis
             fitted = build_switch(memories, switch, background=features.background, views=views)
             counts = torch.tensor([memories[t].stats.count for t in fitted.labels], dtype=torch.float64)
             for c in uncertainties:
-                scaled = GaussianSwitch(fitted.labels, fitted.means, fitted.precision, fitted.region_precision,
-                                        fitted.thresholds, fitted.background, fitted.background_margin,
-                                        fitted.routed_dims, 1 + c / counts)
+                fitted.distance_scale = 1 + c / counts  # the classifier only: the fallback never reads it
                 tally = found[(n, c)]
                 for i, x in enumerate((rows[later], others, background)):
-                    labels, _ = scaled.predict(x)
-                    known = scaled.known(x, labels)
+                    labels, _ = fitted.predict(x)
+                    known = fitted.known(x, labels)
                     tally[2 * i] += sum(label == task and k for label, k in zip(labels, known))
                     tally[2 * i + 1] += len(x)
     return [{"study": "few_rows", "rows": n, "mean_uncertainty": c,
