@@ -2,7 +2,8 @@
 
     python benchmarks/routing_cv.py --stream cit --data-dir ../shared/data/cit [--shape as_built] [--encoder E]
         [--out docs/results/cit-routing-shapes] [--weights 0,0.25,0.5] [--margins 0,5,10,20]
-        [--studies kinds,margin,few_rows] [--mean-uncertainties 0,0.25,0.5,0.75,1]
+        [--studies kinds,hub,margin,few_rows] [--mean-uncertainties 0,0.25,0.5,0.75,1]
+        [--hub-corrections 0,0.2,0.3,0.4,0.5,0.6]
 
 Why: the scored sets of `bench --routing-only` (rewordings, everyday requests) stand for wordings and
 requests that no one sees in advance, so no default may be tuned on them. This script chooses on what a
@@ -12,6 +13,8 @@ store has: each task's training rows, their variants (variants.py) and the shipp
   with the classifier alone: each kind held out in turn (the task refitted without a fifth of its rows
   and without that kind everywhere, tested on the held-out rows' variants of that kind), and each
   training wording held out where a task has several (`held_out_kind`, `left_out_wording`, % routed right).
+- `hub`: the classifier's hub correction (gaussian.HUB_CORRECTION), with all kinds of variant at their weight:
+  the `kinds` figures and `held_out_rows` (each task refitted without a fifth of its rows, % of them routed right).
 - `margin`: the background margin (and the regions' `unknown_shrinkage`) with the full switch: the
   background requests in 5 folds by kind (the mean of 4, the 5th scored: `background_caught`), each task
   refitted without a fifth of its rows and scored on them and their variants, beside the other tasks
@@ -40,7 +43,15 @@ from switchcit.background import background_requests
 from switchcit.bench.routing import Features, RoutingConfig, encode_stream, kept_variants
 from switchcit.bench.streams import load_stream
 from switchcit.encoders import DEFAULT_ENCODER, load_encoder, views
-from switchcit.gaussian import TaskStats, pooled_precision, squared_distances, task_stats
+from switchcit.gaussian import (
+    HUB_CORRECTION,
+    VARIANT_WEIGHT,
+    TaskStats,
+    hub_offsets,
+    pooled_precision,
+    squared_distances,
+    task_stats,
+)
 from switchcit.memory import MemoryConfig, build_switch, remember
 from switchcit.switch import SwitchConfig
 from switchcit.variants import named_variants, prompt_variants, rows_and_variants
@@ -61,8 +72,10 @@ def variant_kinds(prompts: list[str]) -> list[str]:
     return [kind for i in sorted(set(owner)) for kind in named_variants(prompts[i])]
 
 
-def kinds_cv(features: Features, kinds: dict[str, list[str]], use: set[str], weight: float, routed: int) -> dict:
-    """The classifier alone, as the switch runs it: on the features' first `routed` dims (its first view)."""
+def kinds_cv(features: Features, kinds: dict[str, list[str]], use: set[str], weight: float, routed: int,
+             hub: float = HUB_CORRECTION) -> dict:
+    """The classifier alone, as the switch runs it: on the features' first `routed` dims (its first view), each
+    task's distance less `hub` times its mean's distance to the background."""
     order = list(features.train)
     shrinkage = SwitchConfig().shrinkage
 
@@ -76,11 +89,18 @@ def kinds_cv(features: Features, kinds: dict[str, list[str]], use: set[str], wei
     def share_right(by_task: dict, task: str, x: torch.Tensor) -> tuple[int, int]:
         labels = list(by_task)
         first = [TaskStats(s.count, s.mean[:routed], s.scatter[:routed, :routed]) for s in by_task.values()]
-        means = torch.stack([s.mean for s in first])
-        nearest = squared_distances(x[:, :routed], means, pooled_precision(first, shrinkage)).argmin(dim=1)
+        means, precision = torch.stack([s.mean for s in first]), pooled_precision(first, shrinkage)
+        distances = squared_distances(x[:, :routed], means, precision)
+        nearest = (distances - hub_offsets(first, precision, features.background, hub)).argmin(dim=1)
         return sum(labels[i] == task for i in nearest.tolist()), len(x)
 
     full = {t: stats(t) for t in order}
+    right = total = 0
+    for task in order:
+        held = held_out_fold(len(features.train[task]))
+        hits, n = share_right({**full, task: stats(task, ~held)}, task, features.train[task][held])
+        right, total = right + hits, total + n
+    held_out_rows = round(100 * right / total, 2)
     right = total = 0
     for task in order:
         wordings = features.wordings[task]
@@ -104,7 +124,8 @@ def kinds_cv(features: Features, kinds: dict[str, list[str]], use: set[str], wei
             right, total = right + hits, total + n
         if total:
             per_kind.append(100 * right / total)
-    return {"held_out_kind": round(sum(per_kind) / len(per_kind), 1), "left_out_wording": left_out_wording}
+    return {"held_out_kind": round(sum(per_kind) / len(per_kind), 1), "left_out_wording": left_out_wording,
+            "held_out_rows": held_out_rows}
 
 
 def margin_cv(features: Features, background: torch.Tensor, categories: list[str], margin: float,
@@ -193,7 +214,8 @@ def main() -> None:
     parser.add_argument("--margins", default="0,5,10,20")
     parser.add_argument("--unknown-shrinkages", default=str(SwitchConfig().unknown_shrinkage),
                         help="the regions' shrinkage toward the identity, comma-separated")
-    parser.add_argument("--studies", default="kinds,margin,few_rows",
+    parser.add_argument("--hub-corrections", default="0,0.2,0.3,0.4,0.5,0.6")
+    parser.add_argument("--studies", default="kinds,hub,margin,few_rows",
                         help="which studies to run; a rerun replaces only their rows in OUT/routing-cv.json")
     parser.add_argument("--mean-uncertainties", default="0,0.25,0.5,0.75,1")
     args = parser.parse_args()
@@ -214,6 +236,10 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
             if weight == 0:
                 break
+    for hub in [float(h) for h in args.hub_corrections.split(",")] if "hub" in studies else []:
+        rows.append({"study": "hub", "hub_correction": hub, **kinds_cv(features, kinds, set(every), VARIANT_WEIGHT,
+                                                                       routed, hub)})
+        print(json.dumps(rows[-1]), flush=True)
     requests = background_requests()
     background = encoder.encode([r["text"] for r in requests]).double()
     for margin in [float(m) for m in args.margins.split(",")] if "margin" in studies else []:

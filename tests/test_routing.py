@@ -14,6 +14,7 @@ from switchcit.bench.routing import RoutingConfig, encode_stream, memories_for
 from switchcit.bench.streams import SHAPES, load_stream
 from switchcit.gaussian import (
     FEW_ROWS_FACTOR,
+    HUB_CORRECTION,
     MEAN_UNCERTAINTY,
     GaussianSwitch,
     TaskStats,
@@ -277,7 +278,7 @@ def test_a_task_of_a_few_rows_reaches_its_own_new_prompts(tmp_path):
     def share(s: GaussianSwitch, task: str, to: str) -> float:
         return sum(label == to for label in s.predict(fresh[task])[0]) / len(fresh[task])
 
-    assert share(switch, "few", "few") >= share(plain, "few", "few") + 0.1  # 0.94 against 0.79
+    assert share(switch, "few", "few") >= share(plain, "few", "few") + 0.1  # 0.90 against 0.79
     assert max(share(switch, t, "few") for t in ("t0", "t1", "t2")) <= 0.05  # the others keep their prompts
     probe = torch.cat(list(fresh.values()))
     assert torch.equal(switch.unknown_score(probe), plain.unknown_score(probe))  # the fallback is as it was
@@ -290,6 +291,44 @@ def test_a_task_of_a_few_rows_reaches_its_own_new_prompts(tmp_path):
     del tensors["distance_scale"]  # as a switch saved before it existed
     save_file(tensors, str(tmp_path / "old" / "switch.safetensors"))
     assert load_switch(tmp_path / "old").predict(probe)[0] == plain.predict(probe)[0]
+
+
+def test_a_task_near_everyday_requests_does_not_take_the_new_wordings_of_the_others(tmp_path):
+    """A new wording drops what made a prompt its task's, so it moves toward everyday requests, where a task
+    whose mean lies near them (a hub) was nearest: the classifier takes HUB_CORRECTION times each mean's distance
+    to the background off that task's distance; prompts worded as in training keep their task, the fallback is
+    as it was, and a switch saved before the correction existed routes as it did."""
+    g = torch.Generator().manual_seed(0)
+    dim, axis, config = 32, torch.eye(32), SwitchConfig()
+    background = torch.zeros(dim)
+    means = {"t0": 8 * axis[0], "t1": 8 * axis[1], "t2": 8 * axis[2], "hub": 2.5 * axis[3]}
+    switch = build_switch({t: remember(m + 0.5 * torch.randn(200, dim, generator=g), MemoryConfig(), config)
+                           for t, m in means.items()}, config, None, background)
+    assert HUB_CORRECTION > 0 and (switch.hub_offsets > 0).all()
+    plain = GaussianSwitch(switch.labels, switch.means, switch.precision, switch.region_precision, switch.thresholds,
+                           switch.background, switch.background_margin, switch.routed_dims, switch.distance_scale)
+
+    def share(s: GaussianSwitch, x: torch.Tensor, to: str) -> float:
+        return sum(label == to for label in s.predict(x)[0]) / len(x)
+
+    for task in ("t0", "t1", "t2"):
+        reworded = means[task] + 0.62 * (background - means[task]) + 0.5 * torch.randn(200, dim, generator=g)
+        assert share(plain, reworded, "hub") >= 0.7  # the hub took 80-87% of them
+        assert share(switch, reworded, task) >= 0.9  # 95-98% stay
+        fresh = means[task] + 0.5 * torch.randn(200, dim, generator=g)
+        assert share(switch, fresh, task) == share(plain, fresh, task) == 1.0
+    hub_rows = means["hub"] + 0.5 * torch.randn(200, dim, generator=g)
+    assert share(switch, hub_rows, "hub") >= 0.95
+    probe = torch.cat([hub_rows, torch.randn(100, dim, generator=g) * 4])
+    assert torch.equal(switch.unknown_score(probe), plain.unknown_score(probe))  # the fallback reads plain distances
+    switch.save(tmp_path / "new")
+    assert load_switch(tmp_path / "new").predict(probe)[0] == switch.predict(probe)[0]
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(tmp_path / "new" / "switch.safetensors"))
+    del tensors["hub_offsets"]  # as a switch saved before they existed
+    save_file(tensors, str(tmp_path / "new" / "switch.safetensors"))
+    assert load_switch(tmp_path / "new").predict(probe)[0] == plain.predict(probe)[0]
 
 
 def test_a_store_of_one_task_keeps_its_new_prompts():
