@@ -6,11 +6,13 @@ import argparse
 import json
 import random
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
 from conftest import task_rows, write_jsonl
 
+import switchcit
 from switchcit import SwitchcitError
 from switchcit.bench import add_parser, cmd_bench
 from switchcit.bench.cache import GenerationCache
@@ -231,6 +233,13 @@ def test_smoke_bench_on_the_demo_stream_resumes(tmp_path):
     check_results(results, out, list(METHODS))
     assert "studies" not in results  # both skipped; test_studies.py runs them
     assert results["config"]["stream"] == "demo" and results["versions"]["torch"]
+    head = subprocess.run(["git", "-C", str(Path(switchcit.__file__).parent), "rev-parse", "HEAD"],
+                          capture_output=True, text=True)
+    if head.returncode == 0:  # run from a checkout (the editable install): the results name the code that ran
+        commit = results["versions"]["switchcit commit"]
+        assert commit.removesuffix("+changes") == head.stdout.strip() and commit in (out / "report.md").read_text()
+    else:
+        assert "switchcit commit" not in results["versions"]
 
     generated = (out / "generations.jsonl").read_text()
     progress = json.loads((out / "seqlora" / "progress.json").read_text())
@@ -309,7 +318,8 @@ def test_aggregate_over_seeds():
         oracle = {**method, "ap": ap + 1, "ap_reworded": ap + 2 if ap < 52 else None}
         config = {"stream": "s", "seed": 0, "model": "m", "train_examples": 8, "steps": 2, "batch_size": 2,
                   "learning_rate": 1e-3, "eval_examples": 4, "max_new_tokens": 8}
-        return {"config": config, "tasks": ["x"], "metrics": {}, "methods": {"switchcit": method, "oracle": oracle}}
+        return {"config": config, "tasks": ["x"], "metrics": {}, "methods": {"switchcit": method, "oracle": oracle},
+                "versions": {"switchcit commit": f"c{ap:.0f}"}}
 
     results = aggregate({0: run(50.0, -1.0, [48.0, 52.0]), 1: run(54.0, 1.0, [51.0, 57.0])})
     versus = results["methods"]["switchcit"]["minus_oracle"]  # paired by seed; a seed without a figure: none
@@ -317,6 +327,7 @@ def test_aggregate_over_seeds():
     assert versus["ap_reworded"]["per_seed"] == [-7.0, None] and versus["ap_reworded"]["mean"] is None
     assert "minus_oracle" not in results["methods"]["oracle"]
     assert "| switchcit | -1.0 [-1.0, -1.0] | - |" in render_seeds(results)
+    assert "switchcit commit c50" in render_seeds(results)  # the code the first seed ran on
     assert results["seeds"] == [0, 1] and "seed" not in results["config"]
     switch = results["methods"]["switchcit"]
     assert switch["ap"]["mean"] == 52.0 and switch["ap"]["per_seed"] == [50.0, 54.0]

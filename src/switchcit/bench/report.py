@@ -19,7 +19,29 @@ def versions() -> dict[str, str]:
             found[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             found[package] = "not installed"
+    commit = source_commit()
+    if commit:
+        found["switchcit commit"] = commit
     return found
+
+
+def source_commit() -> str | None:
+    """The git commit of the switchcit code that ran, "+changes" when its files differ from it; None outside a
+    git checkout (an installed wheel). Why: a version number does not tell two runs of a checkout apart, and a
+    result must name the code it ran on."""
+    import subprocess
+
+    package = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "-C", str(package), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10)
+        if head.returncode:
+            return None
+        changed = subprocess.run(["git", "-C", str(package), "diff", "--quiet", "HEAD", "--", "."],
+                                 capture_output=True, timeout=10).returncode
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("+changes" if changed else "")
 
 
 def machine() -> str:
@@ -297,6 +319,9 @@ def render_seeds(results: dict) -> str:
             lines += [f"## {title} (mean over seeds [95% t-interval])", ""]
             lines += _table(["method", *shown], [[m, *(_figure_cell(r[part][t]) if t in r[part] else "-"
                                                        for t in shown)] for m, r in methods.items()])
+    if results.get("versions"):
+        lines += ["## Versions", "", f"As seed {seeds[0]}'s run recorded them (each seed's report names its own): "
+                  + ", ".join(f"{k} {v}" for k, v in results["versions"].items()), ""]
     return "\n".join(lines) + "\n![final scores](final_scores.png)\n\n![summary](summary.png)\n"
 
 
