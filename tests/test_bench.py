@@ -238,15 +238,20 @@ def test_smoke_bench_on_the_demo_stream_resumes(tmp_path):
     if head.returncode == 0:  # run from a checkout (the editable install): the results name the code that ran
         commit = results["versions"]["switchcit commit"]
         assert commit.removesuffix("+changes") == head.stdout.strip() and commit in (out / "report.md").read_text()
+        assert all(r["commits"] == [commit] for r in results["methods"].values())  # each stage names its code
     else:
         assert "switchcit commit" not in results["versions"]
+        assert all(r["commits"] == [] for r in results["methods"].values())
 
     generated = (out / "generations.jsonl").read_text()
     progress = json.loads((out / "seqlora" / "progress.json").read_text())
-    (out / "seqlora" / "progress.json").write_text(json.dumps(dict(progress, stages=progress["stages"][:1])))
+    earlier = [dict(progress["stages"][0], commit="0" * 40)]  # its first stage ran on other code
+    (out / "seqlora" / "progress.json").write_text(json.dumps(dict(progress, stages=earlier)))
     resumed = bench("--preset", "smoke", "--out", out, "--methods", "seqlora")
     assert resumed["methods"]["seqlora"] == results["methods"]["seqlora"] | {
-        "seconds": resumed["methods"]["seqlora"]["seconds"]}
+        "seconds": resumed["methods"]["seqlora"]["seconds"],
+        "commits": ["0" * 40, *results["methods"]["seqlora"]["commits"]]}
+    assert f"- seqlora: {'0' * 40}" in (out / "report.md").read_text()  # the report names both
     assert (out / "generations.jsonl").read_text() == generated  # nothing generated twice
 
     with pytest.raises(SwitchcitError, match="other settings"):
@@ -314,7 +319,8 @@ def test_t_interval_and_paired_bootstrap():
 def test_aggregate_over_seeds():
     def run(ap, bwt, boot):
         method = {"ap": ap, "bwt": bwt, "ap_reworded": ap - 5, "bwt_reworded": None, "final": {"x": ap},
-                  "final_reworded": {"x": ap - 5}, "seconds": 10.0, "bootstrap": {"ap": boot, "final": {"x": boot}}}
+                  "final_reworded": {"x": ap - 5}, "seconds": 10.0, "bootstrap": {"ap": boot, "final": {"x": boot}},
+                  "commits": [f"c{ap:.0f}"]}
         oracle = {**method, "ap": ap + 1, "ap_reworded": ap + 2 if ap < 52 else None}
         config = {"stream": "s", "seed": 0, "model": "m", "train_examples": 8, "steps": 2, "batch_size": 2,
                   "learning_rate": 1e-3, "eval_examples": 4, "max_new_tokens": 8}
@@ -328,6 +334,8 @@ def test_aggregate_over_seeds():
     assert "minus_oracle" not in results["methods"]["oracle"]
     assert "| switchcit | -1.0 [-1.0, -1.0] | - |" in render_seeds(results)
     assert "switchcit commit c50" in render_seeds(results)  # the code the first seed ran on
+    assert results["methods"]["switchcit"]["commits"] == ["c50", "c54"] and "- switchcit: c50, c54" in render_seeds(
+        results)  # and each method's, over its seeds
     assert results["seeds"] == [0, 1] and "seed" not in results["config"]
     switch = results["methods"]["switchcit"]
     assert switch["ap"]["mean"] == 52.0 and switch["ap"]["per_seed"] == [50.0, 54.0]
@@ -350,7 +358,7 @@ def test_two_seed_smoke_run_aggregates_and_resumes(tmp_path):
     assert results["seeds"] == [0, 1] and results["tasks"] == ["reverse", "last-word"]
     assert results["runs"] == {"0": "seed-0", "1": "seed-1"} and [seeds[s]["config"]["seed"] for s in (0, 1)] == [0, 1]
     for name, r in results["methods"].items():
-        assert set(r) == {"ap", "bwt", "ap_reworded", "bwt_reworded", "final", "final_reworded", "seconds"}
+        assert set(r) == {"ap", "bwt", "ap_reworded", "bwt_reworded", "final", "final_reworded", "seconds", "commits"}
         for key in ("ap", "bwt"):
             values = [seeds[s]["methods"][name][key] for s in (0, 1)]
             assert r[key]["per_seed"] == values and r[key]["mean"] == pytest.approx(sum(values) / 2)

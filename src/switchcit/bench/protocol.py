@@ -21,6 +21,7 @@ from .files import write_json
 from .intervals import bootstrap
 from .methods import METHODS, Setup, build
 from .metrics import METRICS, PER_EXAMPLE, average_performance, backward_transfer
+from .report import source_commit
 from .streams import BenchTask, EvalExample, Stream
 from .studies import StudyConfig, run_studies
 
@@ -131,6 +132,7 @@ def run_method(name: str, stream: Stream, setup: Setup, scorer: Scorer) -> dict:
             if reworded:
                 stage["switch_reworded"] = switch_confusion(method, reworded, "reworded")
         stage["seconds"] = time.perf_counter() - started
+        stage["commit"] = source_commit()  # a run resumed across sessions may span several commits
         progress["stages"].append(stage)
         write_json(path, progress)
     if has_unseen:
@@ -190,7 +192,8 @@ def summarize(progress: dict, stream: Stream) -> dict:
               "final_reworded": {n: v for n, v in zip(names, reworded[-1]) if v is not None} if done else None,
               "secondary": {t.name: {m: stages[-1]["scores"][t.name][m] for m in t.secondary}
                             for t in stream.tasks if t.secondary} if done else None,
-              "seconds": sum(s["seconds"] for s in stages) + unseen.get("seconds", 0)}
+              "seconds": sum(s["seconds"] for s in stages) + unseen.get("seconds", 0),
+              "commits": list(dict.fromkeys(s["commit"] for s in stages if s.get("commit")))}
     if done:
         intervals = {"seen": _bootstrap(stages, stream, None), "reworded": _bootstrap(stages, stream, "reworded")}
         result["bootstrap"] = {**(intervals["seen"] or {}),

@@ -25,6 +25,20 @@ def versions() -> dict[str, str]:
     return found
 
 
+def _versions_line(versions: dict[str, str]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in versions.items())
+
+
+def _commits_section(methods: dict[str, dict]) -> list[str]:
+    """Each method's code commits, where a run resumed across sessions spans more than one (else the versions
+    line names the one)."""
+    found = {m: r["commits"] for m, r in methods.items() if r.get("commits")}
+    if len({c for commits in found.values() for c in commits}) <= 1:
+        return []
+    return ["## Code each method ran on", "",
+            *(f"- {m}: {', '.join(c)}" for m, c in found.items()), ""]
+
+
 def source_commit() -> str | None:
     """The git commit of the switchcit code that ran, "+changes" when its files differ from it; None outside a
     git checkout (an installed wheel). Why: a version number does not tell two runs of a checkout apart, and a
@@ -147,7 +161,7 @@ def render(results: dict) -> str:
         notes = [METRIC_NOTES[spec["metric"]], *(f"secondary: {METRIC_NOTES[s]}" for s in spec["secondary"])]
         lowered = "; predictions lower-cased first" if spec["lowercase"] else ""
         lines.append(f"- {t}: {'; '.join(notes)}{lowered}")
-    lines += ["", "## Versions", "", ", ".join(f"{k} {v}" for k, v in results["versions"].items()), ""]
+    lines += ["", *_commits_section(methods), "## Versions", "", _versions_line(results["versions"]), ""]
     return "\n".join(lines)
 
 
@@ -320,8 +334,9 @@ def render_seeds(results: dict) -> str:
             lines += _table(["method", *shown], [[m, *(_figure_cell(r[part][t]) if t in r[part] else "-"
                                                        for t in shown)] for m, r in methods.items()])
     if results.get("versions"):
-        lines += ["## Versions", "", f"As seed {seeds[0]}'s run recorded them (each seed's report names its own): "
-                  + ", ".join(f"{k} {v}" for k, v in results["versions"].items()), ""]
+        lines += [*_commits_section(methods), "## Versions", "",
+                  f"As seed {seeds[0]}'s run recorded them (each seed's report names its own): "
+                  + _versions_line(results["versions"]), ""]
     return "\n".join(lines) + "\n![final scores](final_scores.png)\n\n![summary](summary.png)\n"
 
 

@@ -42,6 +42,7 @@ def aggregate(runs: dict[int, dict]) -> dict:
             entry[part] = {t: figure([(r.get(part) or {}).get(t) for r in per],
                                      [((b.get(part) or {}).get(t)) for b in boot]) for t in tasks}
         entry["seconds"] = [r.get("seconds") for r in per]
+        entry["commits"] = list(dict.fromkeys(c for r in per for c in r.get("commits") or []))
         methods[name] = entry
     if REFERENCE in methods:
         for name, entry in methods.items():
