@@ -6,6 +6,7 @@ import argparse
 import json
 import random
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -18,10 +19,20 @@ from switchcit.bench import add_parser, cmd_bench
 from switchcit.bench.cache import GenerationCache
 from switchcit.bench.hub import dialogue_records
 from switchcit.bench.intervals import bootstrap, t_interval
-from switchcit.bench.methods import METHODS
+from switchcit.bench.methods import METHODS, Setup, SwitchCIT
+from switchcit.bench.protocol import switch_confusion
 from switchcit.bench.report import render_seeds
 from switchcit.bench.seeds import aggregate
-from switchcit.bench.streams import cit, cit_prompt, cit_references, headline_constraint, load_stream, user
+from switchcit.bench.streams import (
+    BenchTask,
+    EvalExample,
+    cit,
+    cit_prompt,
+    cit_references,
+    headline_constraint,
+    load_stream,
+    user,
+)
 
 CIT_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cit"
 needs_cit = pytest.mark.skipif(not (CIT_DIR / "templates.json").is_file(), reason=f"no CIT data at {CIT_DIR}")
@@ -184,6 +195,26 @@ def test_user_stream_folder(tmp_path, stream):
     (folder / "stream.json").write_text(json.dumps(spec))
     with pytest.raises(SwitchcitError, match="unknown metric 'accuracy'"):
         user(folder, 10, 10, 0)
+
+
+def test_switch_confusion_counts_prompts_sent_to_a_task_without_prompts_of_that_split(tmp_path, trained_store,
+                                                                                     tiny_model, stream):
+    from conftest import TINY_EXPERT
+
+    shutil.copytree(trained_store, tmp_path / "switchcit" / "store")
+    setup = Setup(tmp_path, str(tiny_model), TINY_EXPERT, GenerationCache(tmp_path / "g.jsonl"), 4, progress=False)
+    method = SwitchCIT(setup)
+    learned = [BenchTask(train.name, train, [], "exact_match") for train, _ in stream]
+    for task in learned:
+        method.learn(task.train)  # learned before: only marks the stream so far
+    first, second = stream[0][1], stream[1][1]
+    # the first task's "unseen" split holds the second task's prompts, which the switch sends to the second task
+    odd = BenchTask(first.name, stream[0][0], [], "exact_match",
+                    unseen=[EvalExample(e.prompt, (e.output,)) for e in second.examples])
+    found = switch_confusion(method, [odd], learned, "unseen")
+    assert found["labels"] == [first.name] and found["columns"] == [t.name for t in learned] + ["base"]
+    assert sum(found["confusion"][0]) == len(second.examples)
+    assert found["confusion"][0][1] > len(second.examples) / 2 and found["accuracy"] < 50
 
 
 def test_cache_generates_each_request_once_and_survives_a_cut_line(tmp_path):

@@ -75,17 +75,18 @@ class Scorer:
         return self.memo[key]
 
 
-def switch_confusion(method, tasks: list[BenchTask], split: str = "seen") -> dict:
-    """Routing accuracy (0-100) and confusion counts [true task][routed task] on the tasks' `split` prompts, the
-    last column 'base' (prompts the switch judged to be of no known task)."""
+def switch_confusion(method, tasks: list[BenchTask], learned: list[BenchTask], split: str = "seen") -> dict:
+    """Routing accuracy (0-100) and confusion counts [true task][routed task] on the tasks' `split` prompts: a
+    row per task of `tasks`, a column per task the switch has learned (a prompt may go to a task with no such
+    prompts of its own), the last column 'base' (prompts the switch judged to be of no known task)."""
     names = [t.name for t in tasks]
     truth = [(i, e.prompt) for i, t in enumerate(tasks) for e in getattr(t, split)]
     routed = method.route([p for _, p in truth])
-    columns = [*names, BASE]
+    columns = [*(t.name for t in learned), BASE]
     confusion = [[0] * len(columns) for _ in names]
     for (i, _), task in zip(truth, routed):
         confusion[i][columns.index(task)] += 1
-    hits = sum(confusion[i][i] for i in range(len(names)))
+    hits = sum(confusion[i][columns.index(name)] for i, name in enumerate(names))
     return {"accuracy": 100.0 * hits / max(1, len(truth)), "confusion": confusion, "labels": names,
             "columns": columns}
 
@@ -128,9 +129,9 @@ def run_method(name: str, stream: Stream, setup: Setup, scorer: Scorer) -> dict:
         if reworded:
             stage["reworded"] = evaluate(method, reworded, "reworded", scorer)
         if routes:
-            stage["switch"] = switch_confusion(method, seen)
+            stage["switch"] = switch_confusion(method, seen, seen)
             if reworded:
-                stage["switch_reworded"] = switch_confusion(method, reworded, "reworded")
+                stage["switch_reworded"] = switch_confusion(method, reworded, seen, "reworded")
         stage["seconds"] = time.perf_counter() - started
         stage["commit"] = source_commit()  # a run resumed across sessions may span several commits
         progress["stages"].append(stage)
@@ -139,7 +140,7 @@ def run_method(name: str, stream: Stream, setup: Setup, scorer: Scorer) -> dict:
         started = time.perf_counter()
         progress["unseen"] = evaluate(method, has_unseen, "unseen", scorer)
         if routes:
-            progress["unseen"]["switch"] = switch_confusion(method, has_unseen, "unseen")
+            progress["unseen"]["switch"] = switch_confusion(method, has_unseen, stream.tasks, "unseen")
         progress["unseen"]["seconds"] = time.perf_counter() - started
         write_json(path, progress)
     del method
