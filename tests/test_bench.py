@@ -355,8 +355,9 @@ def test_aggregate_over_seeds():
         oracle = {**method, "ap": ap + 1, "ap_reworded": ap + 2 if ap < 52 else None}
         config = {"stream": "s", "seed": 0, "model": "m", "train_examples": 8, "steps": 2, "batch_size": 2,
                   "learning_rate": 1e-3, "eval_examples": 4, "max_new_tokens": 8}
+        memory = [{"encoder": "e", "percent": 0.01, "accuracy": [100.0, ap + 40], "ap": ap - 1}]
         return {"config": config, "tasks": ["x"], "metrics": {}, "methods": {"switchcit": method, "oracle": oracle},
-                "versions": {"switchcit commit": f"c{ap:.0f}"}}
+                "versions": {"switchcit commit": f"c{ap:.0f}"}, "studies": {"memory": {"rows": memory}}}
 
     results = aggregate({0: run(50.0, -1.0, [48.0, 52.0]), 1: run(54.0, 1.0, [51.0, 57.0])})
     versus = results["methods"]["switchcit"]["minus_oracle"]  # paired by seed; a seed without a figure: none
@@ -368,6 +369,10 @@ def test_aggregate_over_seeds():
     assert results["methods"]["switchcit"]["commits"] == ["c50", "c54"] and "- switchcit: c50, c54" in render_seeds(
         results)  # and each method's, over its seeds
     assert results["seeds"] == [0, 1] and "seed" not in results["config"]
+    (memory,) = results["memory"]  # the memory study over seeds: last stage's accuracy, AP, AP minus the oracle's
+    assert memory["accuracy"]["per_seed"] == [90.0, 94.0] and memory["ap"]["mean"] == 51.0
+    assert memory["ap_minus_oracle"]["per_seed"] == [-2.0, -2.0]
+    assert "| `e` | 0.01 | 92.0 [" in render_seeds(results)
     switch = results["methods"]["switchcit"]
     assert switch["ap"]["mean"] == 52.0 and switch["ap"]["per_seed"] == [50.0, 54.0]
     assert switch["ap"]["ci95"] == pytest.approx(t_interval([50.0, 54.0]))

@@ -333,6 +333,15 @@ def render_seeds(results: dict) -> str:
             lines += [f"## {title} (mean over seeds [95% t-interval])", ""]
             lines += _table(["method", *shown], [[m, *(_figure_cell(r[part][t]) if t in r[part] else "-"
                                                        for t in shown)] for m, r in methods.items()])
+    if results.get("memory"):
+        lines += ["## Memory study (mean over seeds [95% t-interval])", "",
+                  "The paper's MLP switch retrained stage by stage on the newest task's features plus p% of every "
+                  "earlier task's (at least one), fallback off: its routing accuracy after the last stage, the AP of "
+                  f"the experts it drives, and that AP minus the {REFERENCE}'s, paired by seed.", ""]
+        lines += _table(["encoder", "retained %", "accuracy", "AP", f"AP minus {REFERENCE}"],
+                        [[f"`{r['encoder']}`", f"{r['percent']:g}", _figure_cell(r["accuracy"]), _figure_cell(r["ap"]),
+                          _figure_cell(r[f"ap_minus_{REFERENCE}"]) if f"ap_minus_{REFERENCE}" in r else "-"]
+                         for r in results["memory"]])
     if results.get("versions"):
         lines += [*_commits_section(methods), "## Versions", "",
                   f"As seed {seeds[0]}'s run recorded them (each seed's report names its own): "

@@ -49,10 +49,34 @@ def aggregate(runs: dict[int, dict]) -> dict:
             if name != REFERENCE:
                 entry[f"minus_{REFERENCE}"] = {k: paired_difference(entry[k], methods[REFERENCE][k])
                                                 for k in ("ap", "ap_reworded")}
-    return {"seeds": seeds, "config": {k: v for k, v in first["config"].items() if k != "seed"},
-            "command": first.get("command"), "machine": first.get("machine"), "versions": first.get("versions"),
-            "tasks": first["tasks"], "metrics": first["metrics"],
-            "runs": {str(s): seed_folder(Path(), s).as_posix() for s in seeds}, "methods": methods}
+    found = {"seeds": seeds, "config": {k: v for k, v in first["config"].items() if k != "seed"},
+             "command": first.get("command"), "machine": first.get("machine"), "versions": first.get("versions"),
+             "tasks": first["tasks"], "metrics": first["metrics"],
+             "runs": {str(s): seed_folder(Path(), s).as_posix() for s in seeds}, "methods": methods}
+    memory = memory_study(runs, methods.get(REFERENCE))
+    if memory:
+        found["memory"] = memory
+    return found
+
+
+def memory_study(runs: dict[int, dict], reference: dict | None) -> list[dict]:
+    """The memory study over seeds (the paper's claim: a switch from 0.01% of each task's features routes as well):
+    per encoder and retained share, the last stage's switch accuracy and AP, and AP minus the reference's paired
+    by seed. A seed without the study leaves mean and interval None."""
+    seeds = list(runs)
+    rows: dict[tuple[str, float], list[dict | None]] = {}
+    for i, seed in enumerate(seeds):
+        for row in ((runs[seed].get("studies") or {}).get("memory") or {}).get("rows", []):
+            rows.setdefault((row["encoder"], row["percent"]), [None] * len(seeds))[i] = row
+    found = []
+    for (encoder, percent), per in rows.items():
+        entry = {"encoder": encoder, "percent": percent,
+                 "accuracy": figure([r["accuracy"][-1] if r else None for r in per]),
+                 "ap": figure([r["ap"] if r else None for r in per])}
+        if reference:
+            entry[f"ap_minus_{REFERENCE}"] = paired_difference(entry["ap"], reference["ap"])
+        found.append(entry)
+    return found
 
 
 def paired_difference(a: dict, b: dict) -> dict:
