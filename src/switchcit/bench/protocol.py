@@ -21,7 +21,6 @@ from .files import write_json
 from .intervals import bootstrap
 from .methods import METHODS, Setup, build
 from .metrics import METRICS, PER_EXAMPLE, average_performance, backward_transfer
-from .report import source_commit
 from .streams import BenchTask, EvalExample, Stream
 from .studies import StudyConfig, run_studies
 
@@ -105,8 +104,9 @@ def evaluate(method, tasks: list[BenchTask], split: str, scorer: Scorer) -> dict
     return found
 
 
-def run_method(name: str, stream: Stream, setup: Setup, scorer: Scorer) -> dict:
-    """All stages of one method, resuming from its saved progress; returns that progress."""
+def run_method(name: str, stream: Stream, setup: Setup, scorer: Scorer, commit: str | None) -> dict:
+    """All stages of one method, resuming from its saved progress; returns that progress. Each new stage records
+    `commit`, the code this process runs (a run resumed across sessions may span several)."""
     from tqdm.auto import tqdm
 
     folder = setup.out / name
@@ -133,7 +133,7 @@ def run_method(name: str, stream: Stream, setup: Setup, scorer: Scorer) -> dict:
             if reworded:
                 stage["switch_reworded"] = switch_confusion(method, reworded, seen, "reworded")
         stage["seconds"] = time.perf_counter() - started
-        stage["commit"] = source_commit()  # a run resumed across sessions may span several commits
+        stage["commit"] = commit
         progress["stages"].append(stage)
         write_json(path, progress)
     if has_unseen:
@@ -246,7 +246,8 @@ def run_bench(config: BenchConfig, stream: Stream, out: Path, progress: bool = T
                                     "unseen_wordings": bool(t.unseen)} for t in stream.tasks},
                "methods": {}}
     for name in [m for m in METHODS if m in config.methods]:  # SwitchCIT before the oracle that reuses its experts
-        results["methods"][name] = summarize(run_method(name, stream, setup, scorer), stream)
+        results["methods"][name] = summarize(run_method(name, stream, setup, scorer,
+                                                        results["versions"].get("switchcit commit")), stream)
         write_json(out / "results.json", results)
     studies = config.studies
     finished = results["methods"].get("switchcit", {}).get("ap") is not None
