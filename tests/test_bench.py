@@ -283,6 +283,9 @@ def test_smoke_bench_on_the_demo_stream_resumes(tmp_path):
         "seconds": resumed["methods"]["seqlora"]["seconds"],
         "commits": ["0" * 40, *results["methods"]["seqlora"]["commits"]]}
     assert f"- seqlora: {'0' * 40}" in (out / "report.md").read_text()  # the report names both
+    others = {k: v for k, v in results["methods"].items() if k != "seqlora"}  # run before, not asked for now:
+    assert {k: v for k, v in resumed["methods"].items() if k != "seqlora"} == others  # kept, read from their progress
+    assert list(resumed["methods"]) == list(results["methods"])
     assert (out / "generations.jsonl").read_text() == generated  # nothing generated twice
 
     with pytest.raises(SwitchcitError, match="other settings"):

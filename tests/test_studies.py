@@ -81,6 +81,8 @@ def test_memory_and_arrow_studies_on_a_smoke_run(tmp_path, other_tiny_model):
     again = bench(*args)
     assert again["studies"] == results["studies"]
     assert (out / "generations.jsonl").read_text() == generated  # a rerun generates nothing anew
+    added = bench("--preset", "smoke", "--out", out, "--methods", "oracle")  # a method added to the run
+    assert list(added["methods"]) == ["switchcit", "oracle"] and added["studies"] == results["studies"]  # kept
 
 
 def test_study_options_are_checked(tmp_path):

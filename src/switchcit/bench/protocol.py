@@ -227,7 +227,9 @@ def check_config(out: Path, config: BenchConfig) -> None:
 
 def run_bench(config: BenchConfig, stream: Stream, out: Path, progress: bool = True,
               command: str | None = None) -> dict:
-    """Run (or resume) every method in canonical order; write results.json, report.md and plots."""
+    """Run (or resume) the config's methods in canonical order; write results.json, report.md and plots. The
+    results also summarize the methods an earlier command ran into the same folder (same settings, checked),
+    so adding a method to a run adds a row instead of dropping the others."""
     from .report import machine, versions, write_report
 
     unknown = [m for m in config.methods if m not in METHODS]
@@ -240,22 +242,30 @@ def run_bench(config: BenchConfig, stream: Stream, out: Path, progress: bool = T
     setup = Setup(out, config.model, config.expert(), cache, config.max_new_tokens, config.device, progress,
                   stream.labels(), config.seqft_learning_rate)
     scorer = Scorer()
+    before = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
     results = {"config": asdict(config), "command": command, "machine": machine(), "versions": versions(),
                "tasks": [t.name for t in stream.tasks],
                "metrics": {t.name: {"metric": t.metric, "secondary": list(t.secondary), "lowercase": t.lowercase,
                                     "unseen_wordings": bool(t.unseen)} for t in stream.tasks},
                "methods": {}}
-    for name in [m for m in METHODS if m in config.methods]:  # SwitchCIT before the oracle that reuses its experts
-        results["methods"][name] = summarize(run_method(name, stream, setup, scorer,
-                                                        results["versions"].get("switchcit commit")), stream)
+    for name in METHODS:  # canonical order: SwitchCIT before the oracle that reuses its experts
+        if name in config.methods:
+            stages = run_method(name, stream, setup, scorer, results["versions"].get("switchcit commit"))
+        elif (out / name / "progress.json").exists():  # run here before: the folder's results keep it
+            stages = json.loads((out / name / "progress.json").read_text())
+        else:
+            continue
+        results["methods"][name] = summarize(stages, stream)
         write_json(out / "results.json", results)
     studies = config.studies
-    finished = results["methods"].get("switchcit", {}).get("ap") is not None
+    finished = "switchcit" in config.methods and results["methods"]["switchcit"]["ap"] is not None
     if finished and (studies.memory_percents or studies.arrow):
         method = build("switchcit", setup)
         results["studies"] = run_studies(studies, stream, method, scorer, out, config.seed)
         del method
         gc.collect()
-        write_json(out / "results.json", results)
+    elif "switchcit" not in config.methods and "studies" in before:  # studies of switchcit's experts, kept
+        results["studies"] = before["studies"]
+    write_json(out / "results.json", results)
     write_report(results, out)
     return results
