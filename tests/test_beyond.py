@@ -10,6 +10,7 @@ from conftest import run_cli, snapshot
 from switchcit import BASE, ContinualModel, Store, SwitchcitError
 from switchcit.bundle import export_store, import_bundle
 from switchcit.demo import UNRELATED
+from switchcit.generation import NEARER_EVERYDAY, NOTHING_LEARNED, OUTSIDE_REGIONS
 
 UNKNOWN = UNRELATED
 
@@ -19,6 +20,13 @@ def test_unknown_requests_go_to_base(trained_store, stream):
     unknown = cm.route(UNKNOWN)
     assert sum(r.task == BASE for r in unknown) / len(UNKNOWN) >= 0.8
     assert all(r.confidence is None for r in unknown if r.task == BASE)
+    # a base route names the task the switch would have picked and which of the fallback's tests it failed
+    features = cm.encoder.encode(UNKNOWN)
+    region, background = cm.switch.unknown_scores(features)
+    labels = cm.switch.predict(features)[0]
+    assert [(r.nearest, r.reason) for r in unknown] == [
+        (t, OUTSIDE_REGIONS if a > 1 else NEARER_EVERYDAY) if r.task == BASE else (None, None)
+        for r, t, a in zip(unknown, labels, region.tolist())]
     known = cm.route([p for _, test in stream for p in test.prompts])
     assert sum(r.task == BASE for r in known) / len(known) <= 0.1
     cm.fallback = False
@@ -53,7 +61,7 @@ def test_forget_in_a_live_model_and_the_last_task(store_copy, stream):
     for train, _ in stream:
         cm.forget(train.name)
         assert train.name not in [g.task for g in cm.generate(prompts, max_new_tokens=2)]
-    assert cm.tasks == [] and {r.task for r in cm.route(prompts)} == {BASE}
+    assert cm.tasks == [] and {(r.task, r.reason) for r in cm.route(prompts)} == {(BASE, NOTHING_LEARNED)}
     assert not list((store_copy / "adapters").glob("*")) if (store_copy / "adapters").exists() else True
 
 

@@ -237,10 +237,11 @@ def test_store_paths_that_are_no_store(tmp_path):
 
 def test_an_empty_prompt_asks_for_no_task(trained_store):
     from switchcit import BASE, ContinualModel
+    from switchcit.generation import EMPTY_PROMPT
 
     cm = ContinualModel(trained_store, progress=False)
     routes = cm.route(["", "   ", "Reverse the order of these words.\n\na b"])
-    assert [r.task for r in routes[:2]] == [BASE, BASE] and routes[2].task != BASE
+    assert [(r.task, r.reason) for r in routes[:2]] == [(BASE, EMPTY_PROMPT)] * 2 and routes[2].task != BASE
 
 
 # -- data files and bundles ---------------------------------------------------------------------------------

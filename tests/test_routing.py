@@ -22,6 +22,7 @@ from switchcit.gaussian import (
     squared_distances,
     wording_folds,
 )
+from switchcit.generation import NEARER_EVERYDAY, OUTSIDE_REGIONS
 from switchcit.memory import MemoryConfig, TaskMemory, build_switch, load_switch, remember
 from switchcit.variants import encode_variants, prompt_variants, segments, variants
 
@@ -80,6 +81,7 @@ def test_gaussian_switch_routes_and_rejects_far_requests(tmp_path):
     far = 40.0 + torch.randn(20, DIM)
     assert not any(switch.known(far, switch.predict(far)[0]))
     assert (switch.unknown_score(far) > 1).all()
+    assert switch.rejections(far, switch.predict(far)[0]) == [OUTSIDE_REGIONS] * 20
     switch.save(tmp_path / "s")
     from switchcit.memory import load_switch
 
@@ -433,6 +435,9 @@ def test_the_background_class_catches_requests_a_broad_task_region_swallows(tmp_
     switch = build_switch(memories, config, None, background)
     assert (without.unknown_score(everyday) <= 1).float().mean() >= 0.9  # the broad region swallows them
     assert (switch.unknown_score(everyday) > 1).all()
+    inside = (without.unknown_score(everyday) <= 1).tolist()  # each base route says which test it failed
+    assert switch.rejections(everyday, switch.predict(everyday)[0]) == [
+        NEARER_EVERYDAY if i else OUTSIDE_REGIONS for i in inside]
     new = torch.randn(100, dim, generator=g) * spread + 6 * axis[0]
     assert (switch.unknown_score(new) <= 1).float().mean() >= 0.9
     assert torch.equal(switch.unknown_score(new) <= 1, without.unknown_score(new) <= 1)

@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from switchcit.continual import ContinualModel
 from switchcit.demo import demo_stream
+from switchcit.generation import NEARER_EVERYDAY, OUTSIDE_REGIONS
 from switchcit.serve import ServeConfig, add_parser, create_app, serve_in_thread
 
 KEY = "test-key"
@@ -97,7 +98,7 @@ def test_a_task_or_base_can_be_forced_by_model(server, stream):
         response = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
                                                   max_tokens=3)
         assert response.model == model
-        assert response.model_extra["switchcit"] == {"task": model, "confidence": None}
+        assert response.model_extra["switchcit"] == {"task": model, "confidence": None, "nearest": None, "reason": None}
     listed = [m.id for m in client.models.list()]
     assert listed == ["switchcit", "base", "reverse", "initials", "capitalize"]
 
@@ -248,7 +249,9 @@ def test_router_only_mode_forwards_to_the_adapter_by_name(server, http, trained_
         client = OpenAI(base_url=f"{url}/v1", api_key="unused")
         unknown = [{"role": "user", "content": "Explain the theory of relativity in simple terms."}]
         chunks = list(client.chat.completions.create(model="switchcit", messages=unknown, max_tokens=4, stream=True))
-        assert chunks[0].model_extra["switchcit"] == {"task": "base", "confidence": None}  # fallback: no task fits
+        routed = chunks[0].model_extra["switchcit"]  # fallback: no task fits, and the answer says why
+        assert routed["task"] == "base" and routed["confidence"] is None and routed["nearest"] in clear
+        assert routed["reason"] in (OUTSIDE_REGIONS, NEARER_EVERYDAY)
         assert all(c.model == "switchcit" for c in chunks)
         direct = http.post("/v1/chat/completions", json=chat(unknown[0]["content"], model="base", max_tokens=4))
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == \
@@ -380,7 +383,8 @@ def test_streams_stop_at_the_stop_string_and_match_the_whole_answer(server, http
     assert streamed == [t[:t.find(stop)] if stop in t else t for t in texts]
     reasons = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert len(reasons) == 3 and "stop" in reasons
-    assert chunks[0].model_extra["switchcit"] == [{"task": "initials", "confidence": None}] * 3
+    assert chunks[0].model_extra["switchcit"] == [{"task": "initials", "confidence": None, "nearest": None,
+                                                   "reason": None}] * 3
 
 
 @pytest.mark.parametrize("engine", ["continuous", "static"])

@@ -15,7 +15,7 @@ from .encoders import DEFAULT_ENCODER, Encoder, load_encoder, views
 from .errors import SwitchcitError, failed_writes
 from .experts import ExpertConfig, train_expert
 from .gaussian import GaussianSwitch
-from .generation import Generation, Route, forced_routes, generate_routed
+from .generation import EMPTY_PROMPT, NOTHING_LEARNED, Generation, Route, forced_routes, generate_routed
 from .memory import MemoryConfig, load_switch
 from .models import DEFAULT_MODEL, absolute_if_local, fingerprint, resolve_device, same_model
 from .store import Manifest, Store, TaskEntry
@@ -183,14 +183,16 @@ class ContinualModel:
 
     def route(self, prompts: list[str]) -> list[Route]:
         """The task (and switch confidence) for each raw prompt: 'base' (confidence None) when nothing is learned
-        yet or, with fallback on, when the prompt lies outside every task's region (a request of no known task)."""
-        routes, asked = [Route(BASE, None)] * len(prompts), [i for i, p in enumerate(prompts) if p.strip()]
+        yet or, with fallback on, when the prompt is of no known task; a base route names the task the switch
+        would have picked (`nearest`) and why it did not (`reason`)."""
+        routes = [Route(BASE, None, None, NOTHING_LEARNED if p.strip() else EMPTY_PROMPT) for p in prompts]
+        asked = [i for i, p in enumerate(prompts) if p.strip()]
         if asked and self.switch is not None:  # an empty prompt asks for no task
             features = self.encoder.encode([prompts[i] for i in asked])
             labels, confidences = self.switch.predict(features)
-            known = self.switch.known(features, labels) if self.fallback else [True] * len(labels)
-            for i, t, c, k in zip(asked, labels, confidences, known):
-                routes[i] = Route(t, c) if k else Route(BASE, None)
+            rejected = self.switch.rejections(features, labels) if self.fallback else [None] * len(labels)
+            for i, t, c, why in zip(asked, labels, confidences, rejected):
+                routes[i] = Route(t, c) if why is None else Route(BASE, None, t, why)
         return routes
 
     def generate(self, prompts: list[str], tasks: list[str] | None = None, max_new_tokens: int = 64,

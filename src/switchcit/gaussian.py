@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .generation import NEARER_EVERYDAY, OUTSIDE_REGIONS
 from .variants import rows_and_variants
 
 if TYPE_CHECKING:
@@ -312,23 +313,35 @@ class GaussianSwitch:
         confidence, index = torch.softmax(-0.5 * distances, dim=-1).max(dim=-1)
         return [self.labels[i] for i in index.tolist()], confidence.float().tolist()
 
-    def unknown_score(self, features: torch.Tensor) -> torch.Tensor:
-        """Above 1 when the request lies outside every task's region (the smallest distance-over-threshold),
-        or nearer the background than its nearest task by the margin (that task's distance over the
-        background's plus the margin)."""
+    def unknown_scores(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The fallback's two tests, each above 1 when it fails: the smallest distance-over-threshold to any task's
+        region, and the nearest task's distance over the background's plus the margin (None without background)."""
         distances = squared_distances(features, self.means, self.region_precision)
-        score = (distances / self.thresholds[None]).min(dim=1).values
-        if self.background is not None:
-            nearest = squared_distances(features, self.means, self.precision).min(dim=1).values
-            to_background = squared_distances(features, self.background[None], self.precision)[:, 0]
-            margin = self.background_margin * (self.means.shape[1] // self.routed_dims)  # per view
-            score = score.maximum(nearest / (to_background + margin).clamp_min(1e-12))
-        return score.float()
+        region = (distances / self.thresholds[None]).min(dim=1).values.float()
+        if self.background is None:
+            return region, None
+        nearest = squared_distances(features, self.means, self.precision).min(dim=1).values
+        to_background = squared_distances(features, self.background[None], self.precision)[:, 0]
+        margin = self.background_margin * (self.means.shape[1] // self.routed_dims)  # per view
+        return region, (nearest / (to_background + margin).clamp_min(1e-12)).float()
+
+    def unknown_score(self, features: torch.Tensor) -> torch.Tensor:
+        """Above 1 when the request is of no known task: outside every task's region, or nearer the background
+        than its nearest task by the margin."""
+        region, background = self.unknown_scores(features)
+        return region if background is None else region.maximum(background)
+
+    def rejections(self, features: torch.Tensor, labels: list[str]) -> list[str | None]:
+        """Why the fallback sends each request to the base model, None for a known one (`labels` are the routes;
+        any region counts)."""
+        region, background = self.unknown_scores(features)
+        background = background if background is not None else region.new_zeros(region.shape)
+        return [OUTSIDE_REGIONS if r > 1.0 else NEARER_EVERYDAY if b > 1.0 else None
+                for r, b in zip(region.tolist(), background.tolist())]
 
     def known(self, features: torch.Tensor, labels: list[str]) -> list[bool]:
-        """Whether each feature lies inside some task's region and not nearer the background (`labels` are the
-        routes; any region counts)."""
-        return (self.unknown_score(features) <= 1.0).tolist()
+        """Whether each feature lies inside some task's region and not nearer the background."""
+        return [why is None for why in self.rejections(features, labels)]
 
     def save(self, folder: Path) -> None:
         from safetensors.torch import save_file

@@ -17,10 +17,21 @@ if TYPE_CHECKING:
     from .adapters import AdapterPool
 
 
+OUTSIDE_REGIONS = "outside every learned task's region"  # why the fallback sent a request to the base model
+NEARER_EVERYDAY = "nearer everyday requests than its nearest task"
+NOTHING_LEARNED = "no task learned yet"
+EMPTY_PROMPT = "empty prompt"
+
+
 @dataclass(frozen=True)
 class Route:
+    """Where a request goes. When the switch sent it to the base model, `nearest` is the task it would have
+    picked and `reason` says why it did not: a base answer is never silent about its cause."""
+
     task: str
     confidence: float | None
+    nearest: str | None = None
+    reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -35,10 +46,12 @@ class Generation:
     tokens: int = 0
     stopped: bool = True  # ended by the end-of-sequence token (False: by the token limit)
     prompt_tokens: int = 0
+    nearest: str | None = None  # as in Route: the switch's pick when it answered with the base model, and why
+    reason: str | None = None
 
     @property
     def route(self) -> Route:
-        return Route(self.task, self.confidence)
+        return Route(self.task, self.confidence, self.nearest, self.reason)
 
 
 class Decoded(NamedTuple):
@@ -115,5 +128,5 @@ def generate_routed(pool: AdapterPool, prompts: list[str], routes: list[Route], 
                           **kwargs)
         for i, d in zip(rows, done):
             answers[i] = Generation(prompts[i], routes[i].task, routes[i].confidence, d.text, d.tokens, d.stopped,
-                                    len(encoded[i]))
+                                    len(encoded[i]), routes[i].nearest, routes[i].reason)
     return answers

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .generation import OUTSIDE_REGIONS
 from .settings import check_ranges, knob
 
 if TYPE_CHECKING:
@@ -94,13 +95,18 @@ class Switch:
         confidence, index = probs.max(dim=-1)
         return [self.labels[i] for i in index.tolist()], confidence.tolist()
 
-    def known(self, features: torch.Tensor, labels: list[str]) -> list[bool]:
-        """Whether each feature lies inside the region of the task it was routed to."""
+    def rejections(self, features: torch.Tensor, labels: list[str]) -> list[str | None]:
+        """Why the fallback sends each request to the base model (outside the region of the task it was routed
+        to), None for a known one."""
         import torch
 
         index = torch.tensor([self.labels.index(t) for t in labels], dtype=torch.long)
         distance = cosine_distance(features, self.centroids).gather(1, index[:, None])[:, 0]  # n x tasks, not n x n
-        return (distance <= self.radii[index]).tolist()
+        return [None if inside else OUTSIDE_REGIONS for inside in (distance <= self.radii[index]).tolist()]
+
+    def known(self, features: torch.Tensor, labels: list[str]) -> list[bool]:
+        """Whether each feature lies inside the region of the task it was routed to."""
+        return [why is None for why in self.rejections(features, labels)]
 
     def unknown_score(self, features: torch.Tensor) -> torch.Tensor:
         """Cosine distance to the routed task's centroid over its radius: above 1 is outside its region."""

@@ -142,7 +142,7 @@ class ContinuousEngine(Engine):
             job.settle(seq.error if isinstance(seq.error, ApiError) else server_error(seq.error, "generation"))
         else:
             job.settle(Generation(job.prompt, route.task, route.confidence, seq.output, len(seq.generated),
-                                  seq.stopped, len(seq.prompt_ids)))
+                                  seq.stopped, len(seq.prompt_ids), route.nearest, route.reason))
             self.metrics.ttft.observe(seq.first_token_at - seq.arrived)
             if len(seq.generated) > 1:
                 self.metrics.tpot.observe((seq.finished_at - seq.first_token_at) / (len(seq.generated) - 1))

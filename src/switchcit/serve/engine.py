@@ -343,13 +343,15 @@ class StaticEngine(Engine):
             if self.generates:
                 by_length.setdefault(job.max_tokens, []).append((job, route))
             else:
-                job.settle(Generation(job.prompt, route.task, route.confidence, ""))  # the upstream answers
+                job.settle(Generation(job.prompt, route.task, route.confidence, "", nearest=route.nearest,
+                                      reason=route.reason))  # the upstream answers
         # One generate call per max_tokens value keeps every answer equal to the same request run alone.
         for max_tokens, group in by_length.items():
             try:
                 done = self.cm.generate([j.prompt for j, _ in group], [r.task for _, r in group], max_tokens,
                                         batch_size=len(group))
-                answers = [with_fields(d, confidence=r.confidence) for (_, r), d in zip(group, done)]
+                answers = [with_fields(d, confidence=r.confidence, nearest=r.nearest, reason=r.reason)
+                           for (_, r), d in zip(group, done)]
             except Exception as exc:
                 if len(group) == 1:
                     self._fail([j for j, _ in group], exc, "generation")

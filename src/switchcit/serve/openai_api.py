@@ -159,8 +159,8 @@ def parse_ask(body: object, chat: bool, config: ServeConfig, models: list[str]) 
 
 
 def routing(ask: Ask, routes: list[Route]) -> dict | list[dict]:
-    fields = [{"task": r.task, "confidence": None if r.confidence is None else round(r.confidence, 4)}
-              for r in routes]
+    fields = [{"task": r.task, "confidence": None if r.confidence is None else round(r.confidence, 4),
+               "nearest": r.nearest, "reason": r.reason} for r in routes]
     return fields[0] if ask.single else fields
 
 
