@@ -8,6 +8,7 @@ import json
 import os
 import re
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 from .bench import add_parser as add_bench_parser
@@ -177,8 +178,7 @@ def cmd_route(args) -> None:
     prompts = [p for _, p in _inputs(args)]
     for prompt, r in zip(prompts, _open(args).route(prompts)):
         if args.json:
-            print(json.dumps({"prompt": prompt, "task": r.task, "confidence": r.confidence, "nearest": r.nearest,
-                              "reason": r.reason}))
+            print(json.dumps({"prompt": prompt, **asdict(r)}))
         else:
             conf = "-" if r.confidence is None else f"{r.confidence:.3f}"
             print(f"{r.task}\t{conf}\t{(prompt.splitlines() or [''])[0]}")
@@ -201,8 +201,7 @@ def cmd_generate(args) -> None:
                 continue
             for a in answers:
                 conf = "" if a.confidence is None else f" {a.confidence:.3f}"
-                print(json.dumps({"prompt": a.prompt, "task": a.task, "confidence": a.confidence, "nearest": a.nearest,
-                                  "reason": a.reason, "output": a.output})
+                print(json.dumps({"prompt": a.prompt, **asdict(a.route), "output": a.output})
                       if args.json else f"[{a.task}{conf}] {a.output}", flush=True)
 
 

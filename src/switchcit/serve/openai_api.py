@@ -7,7 +7,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from ..continual import BASE, Route
 from ..generation import Generation
@@ -159,8 +159,7 @@ def parse_ask(body: object, chat: bool, config: ServeConfig, models: list[str]) 
 
 
 def routing(ask: Ask, routes: list[Route]) -> dict | list[dict]:
-    fields = [{"task": r.task, "confidence": None if r.confidence is None else round(r.confidence, 4),
-               "nearest": r.nearest, "reason": r.reason} for r in routes]
+    fields = [{**asdict(r), "confidence": None if r.confidence is None else round(r.confidence, 4)} for r in routes]
     return fields[0] if ask.single else fields
 
 
