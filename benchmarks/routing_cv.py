@@ -21,6 +21,11 @@ store has: each task's training rows, their variants (variants.py) and the shipp
   refitted without a fifth of its rows and scored on them and their variants, beside the other tasks
   (`held_out_to_base`) and alone, a store's first task (`held_out_to_base_alone`), and each task left out
   as the unknown (`task_left_out_caught`).
+- `template`: the variants of one-sentence prompts cut by their task's wording (variants.template_variants), in
+  the tasks that have them: each such kind held out in turn (the task refitted without a fifth of its rows and
+  without that kind, or `before` without any of them), the held-out rows' variants of that kind sent to base by
+  the full switch (`kind_to_base`) and routed right by it (`kind_routed`), per kind; and the `margin` figures
+  with and without those variants everywhere.
 - `few_rows`: the classifier's allowance for a task's mean estimated from few rows (gaussian.MEAN_UNCERTAINTY):
   every task in turn learned from its first 2, 5 or 10 rows beside the others, each of those learned from half of
   its rows; % of the few-row task's other rows that reach it (`own`), of the other tasks' held-out halves that it
@@ -55,7 +60,9 @@ from switchcit.gaussian import (
 )
 from switchcit.memory import MemoryConfig, build_switch, remember
 from switchcit.switch import SwitchConfig
-from switchcit.variants import named_variants, prompt_variants, rows_and_variants
+from switchcit.variants import named_variants, prompt_variants, rows_and_variants, template_words
+
+TEMPLATE_KINDS = ("wording_dropped", "own_dropped", "own_first", "wording_half_worded")  # variants.template_variants
 
 FOLDS = 5
 
@@ -70,7 +77,55 @@ def held_out_fold(n: int) -> torch.Tensor:
 def variant_kinds(prompts: list[str]) -> list[str]:
     """The kind of each variant, in the order `prompt_variants` makes them."""
     _, owner = prompt_variants(prompts)
-    return [kind for i in sorted(set(owner)) for kind in named_variants(prompts[i])]
+    template = template_words(prompts)
+    return [kind for i in sorted(set(owner)) for kind in named_variants(prompts[i], template)]
+
+
+def without_kinds(features: Features, kinds: dict[str, list[str]], drop: set[str]) -> Features:
+    """The features with every variant of the `drop` kinds left out, as if variants.py never made them."""
+    kept = {}
+    for task, found in features.variants.items():
+        mask = torch.tensor([k not in drop for k in kinds[task]], dtype=torch.bool)
+        kept[task] = None if found is None or not mask.any() else (found[0][mask], found[1][mask])
+    return replace(features, variants=kept)
+
+
+def template_cv(features: Features, kinds: dict[str, list[str]], views: int) -> list[dict]:
+    """One row per template kind: see the module's docstring."""
+    switch, memory = SwitchConfig(), MemoryConfig()
+    order = list(features.train)
+    before = without_kinds(features, kinds, set(TEMPLATE_KINDS))
+    full = {t: remember(features.train[t], memory, switch, features.wordings[t], features.variants[t], views)
+            for t in order}
+    rows = []
+    for kind in TEMPLATE_KINDS:
+        tally = {"before": [0, 0, 0], "after": [0, 0, 0]}  # to base, routed right, total
+        for task in order:
+            found = features.variants[task]
+            if found is None or kind not in kinds[task]:
+                continue
+            held = held_out_fold(len(features.train[task]))
+            of_kind = torch.tensor([k == kind for k in kinds[task]], dtype=torch.bool) & held[found[1]]
+            if not of_kind.any():
+                continue
+            for name, source in (("before", before), ("after", without_kinds(features, kinds, {kind}))):
+                wordings = [w for w, h in zip(features.wordings[task], held.tolist()) if not h]
+                refit = remember(features.train[task][~held], memory, switch,
+                                 wordings if features.wordings[task] else None, kept_variants(source, task, held),
+                                 views)
+                fitted = build_switch({**full, task: refit}, switch, background=features.background, views=views)
+                labels, _ = fitted.predict(found[0][of_kind])
+                known = fitted.known(found[0][of_kind], labels)
+                t = tally[name]
+                t[0] += sum(not k for k in known)
+                t[1] += sum(k and label == task for label, k in zip(labels, known))
+                t[2] += len(labels)
+        for name, (to_base, right, total) in tally.items():
+            if total:
+                rows.append({"study": "template", "kind": kind, "variants": name, "prompts": total,
+                             "kind_to_base": round(100 * to_base / total, 1),
+                             "kind_routed": round(100 * right / total, 1)})
+    return rows
 
 
 def kinds_cv(features: Features, kinds: dict[str, list[str]], use: set[str], weight: float, routed: int,
@@ -249,6 +304,15 @@ def main() -> None:
             rows.append({"study": "margin", "margin": margin, "unknown_shrinkage": shrinkage,
                          **margin_cv(features, background, [r["category"] for r in requests], margin,
                                      views(args.encoder), shrinkage)})
+            print(json.dumps(rows[-1]), flush=True)
+    if "template" in studies:
+        for row in template_cv(features, kinds, views(args.encoder)):
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        for name, source in (("before", without_kinds(features, kinds, set(TEMPLATE_KINDS))), ("after", features)):
+            rows.append({"study": "template", "variants": name, **margin_cv(
+                source, background, [r["category"] for r in requests], SwitchConfig().background_margin,
+                views(args.encoder), SwitchConfig().unknown_shrinkage)})
             print(json.dumps(rows[-1]), flush=True)
     if "few_rows" in studies:
         for row in few_rows_cv(features, background, [float(c) for c in args.mean_uncertainties.split(",")],

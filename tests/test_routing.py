@@ -24,7 +24,7 @@ from switchcit.gaussian import (
 )
 from switchcit.generation import NEARER_EVERYDAY, OUTSIDE_REGIONS
 from switchcit.memory import MemoryConfig, TaskMemory, build_switch, load_switch, remember
-from switchcit.variants import encode_variants, prompt_variants, segments, variants
+from switchcit.variants import encode_variants, prompt_variants, segments, template_words, variants
 
 DIM = 16
 
@@ -416,6 +416,54 @@ def test_new_wordings_of_tasks_whose_rows_carry_their_input_stay_off_the_base_mo
         memories, probes = inline_tasks(encoder, with_variants)
         routed[with_variants] = sent_to_base(build_switch(memories, SwitchConfig()), probes)
     assert routed[True] <= 0.1 and routed[True] < routed[False]
+
+
+def test_one_sentence_prompts_are_cut_by_the_wording_their_task_shares():
+    sums = [f"What is {a} plus {a + 7}?" for a in range(10, 40)]
+    template = template_words(sums)
+    assert template == {"what", "is", "plus"}  # numbers are input, however often they recur
+    made = variants(sums[0], template)
+    assert made[:3] == ["10 17?", "What is plus", "10 17? What is plus"]  # wording dropped, input dropped, input first
+    assert all("10" in v and "17?" in v for v in made[3:])  # half the wording dropped, the input kept
+    assert variants(sums[0]) == []  # without its task's rows a one-sentence prompt has no wording to move
+    titles = [f"The {w} of the {w}s" for w in ("Lord", "Return", "King", "Game", "Night", "Fall")]
+    assert template_words(titles) == frozenset()  # words its inputs share with everyday requests are no wording
+
+
+def test_new_wordings_of_one_sentence_tasks_of_one_wording_reach_them():
+    """Issue 18: a task whose rows are one sentence in one wording ("What is 80 plus 29?") had no variants, so
+    its region was as tight as its rows and most of its new wordings went to base (BIG-bench's arithmetic in the
+    evidence run: 15-19 of 50)."""
+    from switchcit.background import background_mean
+    from switchcit.encoders import DEFAULT_ENCODER, SentenceEncoder
+
+    encoder = SentenceEncoder()
+    pairs = [(a, (a * 7) % 90 + 10) for a in range(10, 50)]
+    countries = ["France", "Peru", "Kenya", "Japan", "Chile", "Norway", "Egypt", "Canada", "Spain", "Ghana"] * 4
+    nouns = ["child", "mouse", "city", "leaf", "box", "tooth", "knife", "baby", "wolf", "goose"] * 4
+    tasks = {"add": (["How much is {} added to {}?"], ["Tell me the total of {} and {}."], pairs),
+             "capital": (["Which city is the capital of {}?"], ["Name the capital city of {}."], countries),
+             "plural": (["Write the plural form of {}."], ["How do you make {} plural?"], nouns)}
+    background = background_mean(DEFAULT_ENCODER, encoder.encode)
+
+    def fill(wording: str, x) -> str:
+        return wording.format(*x) if isinstance(x, tuple) else wording.format(x)
+
+    routed = {}
+    for with_variants in (True, False):
+        memories, probes = {}, {}
+        for task, (train, new, inputs) in tasks.items():
+            prompts = [fill(train[0], x) for x in inputs]
+            found = encode_variants(encoder.encode, prompts) if with_variants else None
+            memories[task] = remember(encoder.encode(prompts), MemoryConfig(), SwitchConfig(), None, found)
+            probes[task] = encoder.encode([fill(new[0], x) for x in inputs[:20]])
+        switch = build_switch(memories, SwitchConfig(), background=background)
+        routed[with_variants] = sent_to_base(switch, probes)
+        if with_variants:
+            for task, x in probes.items():
+                labels, _ = switch.predict(x)
+                assert sum(label == task for label in labels) >= 0.9 * len(x)
+    assert routed[True] <= 0.1 < routed[False]
 
 
 def test_the_background_class_catches_requests_a_broad_task_region_swallows(tmp_path):

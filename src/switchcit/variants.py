@@ -13,8 +13,11 @@ Five kinds; held out one at a time (benchmarks/routing_cv.py), a kind of CIT's v
 with the other four in the statistics, 90.0% with none (issue 18).
 
 A prompt is cut into segments at line breaks, or, when it is one line, after sentence ends and colons
-("Spell out this number in words: 41" -> the instruction and "41"); a prompt of one segment has no
-variant.
+("Spell out this number in words: 41" -> the instruction and "41"). A prompt of one segment is cut by its
+task's rows instead: where the rows carry their input inside one sentence ("What is 80 plus 29?"), the
+words most of them share and everyday requests do not (`template_words`) are the wording, the rest the
+row's own input ("80", "29"), and its variants drop, move or half-word the wording the same way. A prompt
+of one segment whose task shows no such wording has no variant.
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ from __future__ import annotations
 import random
 import re
 import zlib
+from collections import Counter
 from collections.abc import Callable
+from functools import cache
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -33,6 +38,10 @@ SENTENCE_END = re.compile(r"(?<=[.?!:;])\s+(?=\S)")
 FIELD_LABEL = re.compile(r"^[A-Za-z][A-Za-z0-9 '()/-]{0,30}?:\s+(?=\S)")  # "Premise: ", "Sentence 1: "
 RULE = re.compile(r"[=\-#*_~ ]+")  # separator lines such as "===" carry no text
 MAX_PROMPTS = 256  # rows whose variants are encoded: enough to calibrate, bounded cost for large tasks
+WORD = re.compile(r"\w+")
+TEMPLATE_SHARE = 0.3  # a word in this share of a task's rows or more may be its wording (three wordings: a third each)
+EVERYDAY_RATIO = 2.0  # ... if they hold it this many times as often as everyday requests do ("the" is no wording)
+RARE = 0.02  # a wording holds a word this rare in everyday requests: inputs share common words ("of the", in titles)
 
 
 def segments(prompt: str) -> list[str]:
@@ -59,21 +68,66 @@ def instruction(prompt: str) -> str:
     return "\n".join(p for i, p in enumerate(parts) if i != input_at)
 
 
-def named_variants(prompt: str) -> dict[str, str]:
+def words(text: str) -> set[str]:
+    return {w.lower() for w in WORD.findall(text)}
+
+
+@cache
+def everyday_shares() -> dict[str, float]:
+    """The share of the shipped everyday requests (background.py) that hold each word."""
+    from .background import background_requests
+
+    texts = [r["text"] for r in background_requests()]
+    return {w: c / len(texts) for w, c in Counter(w for t in texts for w in words(t)).items()}
+
+
+def template_words(prompts: list[str]) -> frozenset[str]:
+    """The words of a task's wording where its rows carry their input inside it: held by at least
+    TEMPLATE_SHARE of the prompts (and two), and EVERYDAY_RATIO times as often as by everyday requests;
+    numbers are input. Empty unless one of them is RARE in everyday requests."""
+    counts = Counter(w for p in prompts for w in words(p))
+    least, everyday = max(2.0, TEMPLATE_SHARE * len(prompts)), everyday_shares()
+    found = frozenset(w for w, c in counts.items() if c >= least and not w.isdigit()
+                      and c / len(prompts) >= EVERYDAY_RATIO * everyday.get(w, 0.0))
+    return found if any(everyday.get(w, 0.0) < RARE for w in found) else frozenset()
+
+
+def template_variants(prompt: str, template: frozenset[str], rng: random.Random) -> dict[str, str]:
+    """A one-sentence prompt's variants by its task's wording (`template_words`): the wording dropped (the
+    row's own words alone), the row's own words dropped, the row's own words first, and half the wording's
+    words dropped; none where the prompt holds no word of either."""
+    tokens = prompt.split()
+    worded = [bool(words(t)) and words(t) <= template for t in tokens]
+    everyday = everyday_shares()
+    rare = any(everyday.get(w, 0.0) < RARE for t, w in zip(tokens, worded) if w for w in words(t))
+    if all(worded) or not rare:
+        return {}
+    own = [t for t, w in zip(tokens, worded) if not w]
+    wording = [t for t, w in zip(tokens, worded) if w]
+    half = [t for t, w in zip(tokens, worded) if not w or rng.random() >= 0.5]
+    return {"wording_dropped": " ".join(own), "own_dropped": " ".join(wording),
+            "own_first": " ".join(own + wording), "wording_half_worded": " ".join(half)}
+
+
+def named_variants(prompt: str, template: frozenset[str] = frozenset()) -> dict[str, str]:
     """The prompt's variants by kind: without its first segment, without its last, with its first segment
     moved to the end, without the field labels that open its segments, and with half the words of every
     segment but the longest (the input) dropped, seeded by the prompt so that a prompt always has the same
-    variants. A kind that changes nothing, or repeats an earlier kind, is left out."""
+    variants; a prompt of one segment, by its task's `template` (`template_variants`). A kind that changes
+    nothing, or repeats an earlier kind, is left out."""
     parts = segments(prompt)
-    if len(parts) < 2:
-        return {}
-    input_at = longest(parts)
     rng = random.Random(zlib.crc32(prompt.encode()))
-    half_worded = [p if i == input_at else " ".join([w for w in p.split() if rng.random() >= 0.5] or p.split()[:1])
-                   for i, p in enumerate(parts)]
-    made = {"first_dropped": "\n".join(parts[1:]), "last_dropped": "\n".join(parts[:-1]),
-            "first_moved": "\n\n".join(parts[1:] + parts[:1]),
-            "unlabelled": "\n".join(FIELD_LABEL.sub("", p) for p in parts), "half_worded": "\n".join(half_worded)}
+    if len(parts) < 2:
+        made = template_variants(prompt, template, rng)
+    else:
+        input_at = longest(parts)
+        half_worded = [p if i == input_at else
+                       " ".join([w for w in p.split() if rng.random() >= 0.5] or p.split()[:1])
+                       for i, p in enumerate(parts)]
+        made = {"first_dropped": "\n".join(parts[1:]), "last_dropped": "\n".join(parts[:-1]),
+                "first_moved": "\n\n".join(parts[1:] + parts[:1]),
+                "unlabelled": "\n".join(FIELD_LABEL.sub("", p) for p in parts),
+                "half_worded": "\n".join(half_worded)}
     found: dict[str, str] = {}
     for kind, text in made.items():
         if text not in (prompt, "\n".join(parts)) and text not in found.values():
@@ -81,9 +135,9 @@ def named_variants(prompt: str) -> dict[str, str]:
     return found
 
 
-def variants(prompt: str) -> list[str]:
+def variants(prompt: str, template: frozenset[str] = frozenset()) -> list[str]:
     """The prompt's variants (`named_variants`), in their kinds' order."""
-    return list(named_variants(prompt).values())
+    return list(named_variants(prompt, template).values())
 
 
 def prompt_variants(prompts: list[str], seed: int = 0, limit: int = MAX_PROMPTS) -> tuple[list[str], list[int]]:
@@ -91,9 +145,9 @@ def prompt_variants(prompts: list[str], seed: int = 0, limit: int = MAX_PROMPTS)
     chosen = range(len(prompts))
     if len(prompts) > limit:
         chosen = sorted(random.Random(seed).sample(range(len(prompts)), limit))
-    texts, owner = [], []
+    texts, owner, template = [], [], template_words(prompts)
     for i in chosen:
-        for v in variants(prompts[i]):
+        for v in variants(prompts[i], template):
             texts.append(v)
             owner.append(i)
     return texts, owner
