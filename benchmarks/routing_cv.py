@@ -26,6 +26,11 @@ store has: each task's training rows, their variants (variants.py) and the shipp
   without that kind, or `before` without any of them), the held-out rows' variants of that kind sent to base by
   the full switch (`kind_to_base`) and routed right by it (`kind_routed`), per kind; and the `margin` figures
   with and without those variants everywhere.
+- `one_sentence` (needs no stream): four tasks written for this study whose rows are one sentence with the input
+  inside, four wordings each ("How much is 12 added to 40?"); each task learned from one of its wordings (or
+  from three), the full switch scored on its other wordings (`routed`, `to_base`) and on the background
+  requests (`background_caught`; the class's mean is theirs, so the figure is for comparing the two rows only),
+  with and without the variants of variants.template_variants.
 - `few_rows`: the classifier's allowance for a task's mean estimated from few rows (gaussian.MEAN_UNCERTAINTY):
   every task in turn learned from its first 2, 5 or 10 rows beside the others, each of those learned from half of
   its rows; % of the few-row task's other rows that reach it (`own`), of the other tasks' held-out halves that it
@@ -185,6 +190,64 @@ def kinds_cv(features: Features, kinds: dict[str, list[str]], use: set[str], wei
             "worst_task_held_out_rows": round(100 * by_task[worst][0] / by_task[worst][1], 1)}
 
 
+ONE_SENTENCE_TASKS = {  # wordings: none of them in the benchmarks' data or rewordings
+    "add": ["How much is {} added to {}?", "Tell me the total of {} and {}.", "Find {} plus {} for me.",
+            "I need {} and {} summed up."],
+    "capital": ["Which city is the capital of {}?", "Name the capital city of {}.", "Tell me the capital of {}.",
+                "{} has which capital?"],
+    "antonym": ["Give the opposite of the word {}.", "Which word means the opposite of {}?", "Name an antonym for {}.",
+                "Tell me the antonym of {} please."],
+    "plural": ["Write the plural form of {}.", "How do you make {} plural?", "Give the plural of the noun {}.",
+               "Turn {} into its plural."],
+}
+
+
+def one_sentence_cv(encoder, background: torch.Tensor) -> list[dict]:
+    """One row per (training wordings, variants): see the module's docstring."""
+    from switchcit.background import background_mean
+    from switchcit.variants import encode_variants
+
+    rng = random.Random(0)
+    inputs = {"add": [(rng.randint(10, 99), rng.randint(10, 99)) for _ in range(80)],
+              "capital": [(c,) for c in ["France", "Peru", "Kenya", "Japan", "Chile", "Norway", "Egypt", "Canada",
+                                         "Spain", "Ghana", "Nepal", "Cuba", "Iran", "Italy", "Mali", "Oman", "Laos",
+                                         "Fiji", "Chad", "Togo"] * 4],
+              "antonym": [(w,) for w in ["happy", "tall", "early", "cold", "light", "open", "strong", "quiet",
+                                         "rich", "soft", "fast", "full", "clean", "brave", "young", "heavy", "sharp",
+                                         "wide", "bright", "deep"] * 4],
+              "plural": [(n,) for n in ["child", "mouse", "city", "leaf", "box", "tooth", "knife", "baby", "wolf",
+                                        "cactus", "goose", "hero", "story", "potato", "church", "wife", "man",
+                                        "foot", "person", "bus"] * 4]}
+    switch, mean = SwitchConfig(), background_mean(DEFAULT_ENCODER, encoder.encode)
+
+    def prompts(task: str, wordings: list[int]) -> list[str]:
+        return [ONE_SENTENCE_TASKS[task][wordings[i % len(wordings)]].format(*x) for i, x in enumerate(inputs[task])]
+
+    rows = []
+    for trained in (1, 3):
+        for with_variants in (False, True):
+            right = to_base = total = caught = 0
+            for held in range(4):  # the wording learned (one) or left out (three)
+                train = [held] if trained == 1 else [w for w in range(4) if w != held]
+                memories, tests = {}, {}
+                for task in ONE_SENTENCE_TASKS:
+                    texts = prompts(task, train)
+                    found = encode_variants(encoder.encode, texts) if with_variants else None
+                    memories[task] = remember(encoder.encode(texts), MemoryConfig(), switch, None, found)
+                    tests[task] = encoder.encode([p for w in range(4) if w not in train for p in prompts(task, [w])])
+                fitted = build_switch(memories, switch, background=mean)
+                for task, x in tests.items():
+                    labels, _ = fitted.predict(x)
+                    known = fitted.known(x, labels)
+                    right += sum(label == task and k for label, k in zip(labels, known))
+                    to_base, total = to_base + sum(not k for k in known), total + len(x)
+                caught += (1 - sum(fitted.known(background, fitted.predict(background)[0])) / len(background)) / 4
+            rows.append({"study": "one_sentence", "wordings_learned": trained, "variants": with_variants,
+                         "routed": round(100 * right / total, 1), "to_base": round(100 * to_base / total, 1),
+                         "background_caught": round(100 * caught, 1)})
+    return rows
+
+
 def margin_cv(features: Features, background: torch.Tensor, categories: list[str], margin: float,
               views: int, unknown_shrinkage: float) -> dict:
     order = list(features.train)
@@ -273,13 +336,22 @@ def main() -> None:
                         help="the regions' shrinkage toward the identity, comma-separated")
     parser.add_argument("--hub-corrections", default="0,0.2,0.3,0.4,0.5,0.6")
     parser.add_argument("--studies", default="kinds,hub,margin,few_rows",
-                        help="which studies to run; a rerun replaces only their rows in OUT/routing-cv.json")
+                        help="which studies to run; a rerun replaces only their rows in OUT/routing-cv.json ("
+                             "one_sentence alone reads no stream and writes OUT/routing-cv-one-sentence.json)")
     parser.add_argument("--mean-uncertainties", default="0,0.25,0.5,0.75,1")
     args = parser.parse_args()
     studies = set(args.studies.split(","))
 
-    stream = load_stream(args.stream, args.data_dir, args.train_examples, args.eval_examples, 0, args.shape)
     encoder = load_encoder(args.encoder)
+    requests = background_requests()
+    background = encoder.encode([r["text"] for r in requests]).double()
+    if studies == {"one_sentence"}:
+        rows = one_sentence_cv(encoder, background)
+        print("\n".join(json.dumps(r) for r in rows))
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "routing-cv-one-sentence.json").write_text(json.dumps({"rows": rows}, indent=2))
+        return
+    stream = load_stream(args.stream, args.data_dir, args.train_examples, args.eval_examples, 0, args.shape)
     cache = args.out / "routing-cache" / RoutingConfig(encoder=args.encoder).features_folder()
     features = encode_stream(stream, encoder, cache)
     routed = features.others.shape[1] // views(args.encoder)
@@ -297,8 +369,6 @@ def main() -> None:
         rows.append({"study": "hub", "hub_correction": hub, **kinds_cv(features, kinds, set(every), VARIANT_WEIGHT,
                                                                        routed, hub)})
         print(json.dumps(rows[-1]), flush=True)
-    requests = background_requests()
-    background = encoder.encode([r["text"] for r in requests]).double()
     for margin in [float(m) for m in args.margins.split(",")] if "margin" in studies else []:
         for shrinkage in [float(u) for u in args.unknown_shrinkages.split(",")]:
             rows.append({"study": "margin", "margin": margin, "unknown_shrinkage": shrinkage,

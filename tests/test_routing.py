@@ -573,3 +573,12 @@ def test_a_memory_written_before_the_calibration_keeps_its_threshold(tmp_path):
     precision = torch.eye(DIM, dtype=torch.float64)
     in_sample = float((precision * stats.scatter).sum()) / stats.count  # the old rule: ratio * in-sample mean
     assert old.calibration.threshold(precision) == pytest.approx(3.0 * in_sample, rel=1e-5)
+
+
+def test_routing_benchmark_on_some_tasks_of_a_stream(tmp_path):
+    out = tmp_path / "run"
+    routing_bench("--stream", "demo", "--tasks", "last-word,reverse", "--routing-routers", "gaussian",
+                  "--shapes", "as_built", "--train-examples", "20", "--eval-examples", "6", "--out", str(out))
+    report = json.loads((out / "routing.json").read_text())
+    assert report["config"]["tasks"] == ["reverse", "last-word"]  # in stream order, whatever the order named
+    assert len(report["routers"]["gaussian"]["stages"]) == 2

@@ -184,8 +184,9 @@ def cmd_routing(args) -> None:
     unknown = [x for x in shapes if x not in SHAPES]
     if unknown or not shapes:
         raise SwitchcitError(f"--shapes {unknown or '(none)'}: choose from {', '.join(SHAPES)}")
+    tasks = _tasks(args.tasks)
     streams = {shape: load_stream(s["stream"], _data_dir(args, s["stream"]), s["train_examples"], eval_examples,
-                                  s["seed"], shape) for shape in shapes}
+                                  s["seed"], shape, tasks) for shape in shapes}
     device = resolve_device(None if args.device == "auto" else args.device)
     pool = AdapterPool(model, device, "float32", check=lambda _: None)  # for 'base'
     encoder = load_encoder(args.encoder, pool, device)
