@@ -71,6 +71,7 @@ def instruction(prompt: str) -> str:
 
 
 def words(text: str) -> set[str]:
+    """The text's words, lower-cased: what a wording is compared by."""
     return {w.lower() for w in WORD.findall(text)}
 
 
@@ -100,12 +101,11 @@ def template_variants(prompt: str, template: frozenset[str], rng: random.Random)
     words dropped; none where the prompt holds no word of either."""
     tokens = prompt.split()
     worded = [bool(words(t)) and words(t) <= template for t in tokens]
-    everyday = everyday_shares()
-    rare = any(everyday.get(w, 0.0) < RARE for t, w in zip(tokens, worded) if w for w in words(t))
-    if all(worded) or not rare:
-        return {}
     own = [t for t, w in zip(tokens, worded) if not w]
     wording = [t for t, w in zip(tokens, worded) if w]
+    everyday = everyday_shares()
+    if not own or not any(everyday.get(w, 0.0) < RARE for t in wording for w in words(t)):
+        return {}
     half = [t for t, w in zip(tokens, worded) if not w or rng.random() >= 0.5]
     return {"wording_dropped": " ".join(own), "own_dropped": " ".join(wording),
             "own_first": " ".join(own + wording), "wording_half_worded": " ".join(half)}
