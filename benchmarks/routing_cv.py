@@ -27,8 +27,8 @@ store has: each task's training rows, their variants (variants.py) and the shipp
   the full switch (`kind_to_base`) and routed right by it (`kind_routed`), per kind; and the `margin` figures
   with and without those variants everywhere.
 - `one_sentence` (needs no stream): four tasks written for this study whose rows are one sentence with the input
-  inside, four wordings each ("How much is 12 added to 40?"); each task learned from one of its wordings (or
-  from three), the full switch scored on its other wordings (`routed`, `to_base`) and on the background
+  inside, five wordings each ("How much is 12 added to 40?"); each task learned from one of its wordings (or
+  from three, or four), the full switch scored on its other wordings (`routed`, `to_base`) and on the background
   requests (`background_caught`; the class's mean is theirs, so the figure is for comparing the two rows only),
   with and without the variants of variants.template_variants.
 - `few_rows`: the classifier's allowance for a task's mean estimated from few rows (gaussian.MEAN_UNCERTAINTY):
@@ -192,13 +192,13 @@ def kinds_cv(features: Features, kinds: dict[str, list[str]], use: set[str], wei
 
 ONE_SENTENCE_TASKS = {  # wordings: none of them in the benchmarks' data or rewordings
     "add": ["How much is {} added to {}?", "Tell me the total of {} and {}.", "Find {} plus {} for me.",
-            "I need {} and {} summed up."],
+            "I need {} and {} summed up.", "Sum {} with {}, please."],
     "capital": ["Which city is the capital of {}?", "Name the capital city of {}.", "Tell me the capital of {}.",
-                "{} has which capital?"],
+                "{} has which capital?", "What's the seat of government in {}?"],
     "antonym": ["Give the opposite of the word {}.", "Which word means the opposite of {}?", "Name an antonym for {}.",
-                "Tell me the antonym of {} please."],
+                "Tell me the antonym of {} please.", "Provide a word opposite in meaning to {}."],
     "plural": ["Write the plural form of {}.", "How do you make {} plural?", "Give the plural of the noun {}.",
-               "Turn {} into its plural."],
+               "Turn {} into its plural.", "What do you call more than one {}?"],
 }
 
 
@@ -223,25 +223,27 @@ def one_sentence_cv(encoder, background: torch.Tensor) -> list[dict]:
     def prompts(task: str, wordings: list[int]) -> list[str]:
         return [ONE_SENTENCE_TASKS[task][wordings[i % len(wordings)]].format(*x) for i, x in enumerate(inputs[task])]
 
-    rows = []
-    for trained in (1, 3):
+    rows, wordings = [], len(ONE_SENTENCE_TASKS["add"])
+    for trained in (1, 3, wordings - 1):
         for with_variants in (False, True):
             right = to_base = total = caught = 0
-            for held in range(4):  # the wording learned (one) or left out (three)
-                train = [held] if trained == 1 else [w for w in range(4) if w != held]
+            for held in range(wordings):  # the first wording learned, or the first `trained` after it
+                train = [(held + i) % wordings for i in range(trained)]
                 memories, tests = {}, {}
                 for task in ONE_SENTENCE_TASKS:
                     texts = prompts(task, train)
                     found = encode_variants(encoder.encode, texts) if with_variants else None
                     memories[task] = remember(encoder.encode(texts), MemoryConfig(), switch, None, found)
-                    tests[task] = encoder.encode([p for w in range(4) if w not in train for p in prompts(task, [w])])
+                    tests[task] = encoder.encode([p for w in range(wordings) if w not in train
+                                                  for p in prompts(task, [w])])
                 fitted = build_switch(memories, switch, background=mean)
                 for task, x in tests.items():
                     labels, _ = fitted.predict(x)
                     known = fitted.known(x, labels)
                     right += sum(label == task and k for label, k in zip(labels, known))
                     to_base, total = to_base + sum(not k for k in known), total + len(x)
-                caught += (1 - sum(fitted.known(background, fitted.predict(background)[0])) / len(background)) / 4
+                missed = sum(fitted.known(background, fitted.predict(background)[0])) / len(background)
+                caught += (1 - missed) / wordings
             rows.append({"study": "one_sentence", "wordings_learned": trained, "variants": with_variants,
                          "routed": round(100 * right / total, 1), "to_base": round(100 * to_base / total, 1),
                          "background_caught": round(100 * caught, 1)})

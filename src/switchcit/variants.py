@@ -11,7 +11,7 @@ directions a wording moves along, and its fallback calibrates each task's region
 their variants (gaussian.calibrate). They are encoded once at `learn`; only statistics are kept, never text.
 Five kinds; held out one at a time (benchmarks/routing_cv.py), a kind of CIT's variants routes 91.5% right
 with the other four in the statistics, 90.0% with none (issue 18). Four more for one-sentence prompts: with
-them, tasks of one one-sentence wording route 100% of their other wordings right, 16.8% without (83.2% went to
+them, tasks of one one-sentence wording route 99.9% of their other wordings right, 13.7% without (86.3% went to
 base; `routing_cv.py --studies one_sentence`).
 
 A prompt is cut into segments at line breaks, or, when it is one line, after sentence ends and colons
@@ -41,7 +41,7 @@ FIELD_LABEL = re.compile(r"^[A-Za-z][A-Za-z0-9 '()/-]{0,30}?:\s+(?=\S)")  # "Pre
 RULE = re.compile(r"[=\-#*_~ ]+")  # separator lines such as "===" carry no text
 MAX_PROMPTS = 256  # rows whose variants are encoded: enough to calibrate, bounded cost for large tasks
 WORD = re.compile(r"\w+")
-TEMPLATE_SHARE = 0.3  # a word in this share of a task's rows or more may be its wording (three wordings: a third each)
+TEMPLATE_SHARE = 0.3  # a word in this share of a task's rows may be its wording; at 0.2 recurring inputs ("cake") are
 EVERYDAY_RATIO = 2.0  # ... if they hold it this many times as often as everyday requests do ("the" is no wording)
 RARE = 0.02  # a wording holds a word this rare in everyday requests: inputs share common words ("of the", in titles)
 
