@@ -47,7 +47,7 @@ def test_memory_keeps_features_only(trained_store):
         dim = manifest["encoder"]["dim"]
         assert tensors["features"].shape == (entry["memory_size"], dim)
         assert tensors["scatter"].shape == (dim, dim)
-        # the rows, and up to five variants of each at half weight (gaussian.task_stats)
+        # the rows, and up to five variants of each at VARIANT_WEIGHT (gaussian.task_stats)
         assert entry["examples"] < tensors["count"].item() <= entry["examples"] * (1 + 5 * VARIANT_WEIGHT)
         assert tensors["heldout_moments"].shape == (dim, dim)
         assert tensors["heldout_count"].item() > entry["examples"]  # held-out rows and their variants
