@@ -108,7 +108,7 @@ def test_routing_benchmark_on_the_demo_stream(tmp_path):
     report = json.loads((out / "routing.json").read_text())
     assert report["default"] == SwitchConfig().kind == "gaussian"
     assert set(report["routers"]) == {"gaussian", "mlp", "centroid", "knn"}
-    keys = {"shape", "seen", "unseen", "reworded", "reworded_by_task", "leave_one_wording_out",
+    keys = {"shape", "seen", "seen_learned_wordings", "unseen", "reworded", "reworded_by_task", "leave_one_wording_out",
             "false_rejection_lowo", "unknown_caught", "unknown_caught_demo", "unknown_caught_general",
             "false_rejection_seen", "false_rejection_unseen", "false_rejection_reworded", "auroc", "auroc_general",
             "joint_seen", "joint_unseen"}
@@ -116,6 +116,11 @@ def test_routing_benchmark_on_the_demo_stream(tmp_path):
     inline = report["shapes"]["inline"]["routers"]["gaussian"]["stages"]
     assert {s["shape"] for s in inline} == {"inline"}
     assert inline[-1]["leave_one_wording_out"] is None  # inline rows say nothing of their wording
+    assert inline[-1]["seen_learned_wordings"] is None
+    built = report["routers"]["gaussian"]["stages"]
+    assert [s["seen_learned_wordings"] for s in built] == [s["seen"] for s in built]  # every test wording learned
+    one = report["shapes"]["one_wording"]["routers"]["gaussian"]["stages"][-1]
+    assert 0 <= one["seen_learned_wordings"] <= 100
     for name, r in report["routers"].items():
         assert len(r["stages"]) == 4
         for k, stage in enumerate(r["stages"], 1):

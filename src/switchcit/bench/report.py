@@ -367,7 +367,8 @@ def write_seeds_report(results: dict, out: Path) -> None:
                       "after the last task (0-100)")
 
 
-ROUTING_COLUMNS = (("seen", "seen"), ("unseen", "unseen"), ("reworded", "reworded"),
+ROUTING_COLUMNS = (("seen", "seen"), ("seen_learned_wordings", "seen, learned wordings"), ("unseen", "unseen"),
+                   ("reworded", "reworded"),
                    ("leave_one_wording_out", "leave one wording out"),
                    ("unknown_caught", "unknown caught"), ("unknown_caught_demo", "other stream caught"),
                    ("unknown_caught_general", "general requests caught"),

@@ -10,6 +10,9 @@ At every stage k (tasks 1..k learned) each router is scored, on 0-100, fallback 
 prompt sent to base is a miss):
 - seen / unseen / reworded: test prompts of the learned tasks in training wordings / in the stream's unseen
   wordings / in switchcit's own rewordings (`data/rewordings.json`; nothing is fitted on them);
+- seen_learned_wordings: the `seen` prompts in a wording the task's training rows use, no wording counting as
+  one (None where no prompt is: `inline` rows say nothing of their wording): with one wording per task
+  (`one_wording`) most of CIT's training wordings are new to the store;
 - leave_one_wording_out: for each learned task with several training wordings, the task relearned
   without one wording, tested on that wording's training prompts;
 - unknown_caught: prompts of the stream's later tasks sent to base (the demo stream's prompts for
@@ -95,6 +98,7 @@ class Features:
     wordings: dict[str, list[str | None]]
     variants: dict[str, tuple[torch.Tensor, torch.Tensor] | None]  # variants.encode_variants of each train set
     seen: dict[str, torch.Tensor]
+    seen_learned: dict[str, torch.Tensor]  # per seen prompt: is it in a wording the task's training rows use?
     unseen: dict[str, torch.Tensor]
     reworded: dict[str, torch.Tensor]
     others: torch.Tensor  # the demo stream's prompts (or, for the demo stream itself, its unknown prompts)
@@ -160,9 +164,12 @@ def encode_stream(stream: Stream, encoder: Encoder, cache: Path | None, seed: in
     empty = torch.zeros(0, tensors["others"].shape[1])
     variants = {t.name: (tensors[f"variants/{t.name}"], torch.tensor(owners[t.name], dtype=torch.long))
                 if f"variants/{t.name}" in tensors else None for t in stream.tasks}
+    learned = {t.name: set(t.train.wordings) for t in stream.tasks}  # None: rows and prompts say nothing
     return Features({t.name: tensors[f"train/{t.name}"] for t in stream.tasks},
                     {t.name: t.train.wordings for t in stream.tasks}, variants,
                     {t.name: tensors[f"seen/{t.name}"] for t in stream.tasks},
+                    {t.name: torch.tensor([e.wording in learned[t.name] for e in t.seen], dtype=torch.bool)
+                     for t in stream.tasks},
                     {t.name: tensors.get(f"unseen/{t.name}", empty) for t in stream.tasks},
                     {t.name: tensors.get(f"reworded/{t.name}", empty) for t in stream.tasks},
                     tensors["others"], tensors["general"],
@@ -288,12 +295,14 @@ def score_stage(kind: str, features: Features, order: list[str], k: int, config:
     unseen = {t: features.unseen[t] for t in learned if len(features.unseen[t])}
     reworded = {t: features.reworded[t] for t in learned if len(features.reworded[t])}
     seen_right, seen_rejected = _accuracy(fitted, seen)
+    in_learned = {t: seen[t][features.seen_learned[t]] for t in learned if features.seen_learned[t].any()}
     unseen_right, unseen_rejected = _accuracy(fitted, unseen)
     reworded_right, reworded_rejected = _accuracy(fitted, reworded)
     unknown = torch.cat([features.seen[t] for t in later]) if later else features.others[:0]
     lowo, lowo_rejected, lowo_scores = leave_one_wording_out(kind, features, learned, config, memories)
     joint = Fitted(kind, memories, {t: features.train[t] for t in learned}, config, features.background)
-    row = {"shape": shape, "seen": seen_right, "unseen": unseen_right, "reworded": reworded_right,
+    row = {"shape": shape, "seen": seen_right, "seen_learned_wordings": _accuracy(fitted, in_learned)[0],
+           "unseen": unseen_right, "reworded": reworded_right,
            "reworded_by_task": {t: _accuracy(fitted, {t: x})[0] for t, x in reworded.items()},
            "leave_one_wording_out": lowo, "false_rejection_lowo": lowo_rejected, "unknown_caught": None,
            "unknown_caught_demo": None, "unknown_caught_general": None, "false_rejection_seen": None,
