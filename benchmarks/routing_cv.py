@@ -105,6 +105,7 @@ def template_cv(features: Features, kinds: dict[str, list[str]], views: int) -> 
     rows = []
     for kind in TEMPLATE_KINDS:
         tally = {"before": [0, 0, 0], "after": [0, 0, 0]}  # to base, routed right, total
+        sources = (("before", before), ("after", without_kinds(features, kinds, {kind})))
         for task in order:
             found = features.variants[task]
             if found is None or kind not in kinds[task]:
@@ -113,7 +114,7 @@ def template_cv(features: Features, kinds: dict[str, list[str]], views: int) -> 
             of_kind = torch.tensor([k == kind for k in kinds[task]], dtype=torch.bool) & held[found[1]]
             if not of_kind.any():
                 continue
-            for name, source in (("before", before), ("after", without_kinds(features, kinds, {kind}))):
+            for name, source in sources:
                 wordings = [w for w, h in zip(features.wordings[task], held.tolist()) if not h]
                 refit = remember(features.train[task][~held], memory, switch,
                                  wordings if features.wordings[task] else None, kept_variants(source, task, held),
