@@ -140,6 +140,9 @@ def test_routing_benchmark_on_the_demo_stream(tmp_path):
     assert small["without"]["seen"] == gaussian[-2]["seen"] and small["without"]["own_seen"] is None
     assert all(0 <= r["own_seen"] <= 100 and r["general_caught"] is not None for r in small["with"])
     assert "small_task" in report["routers"]["mlp"] and "small_task" not in report["routers"]["knn"]
+    taken = report["routers"]["gaussian"]["general_taken"]  # where the everyday requests not caught went
+    assert set(taken) <= set(report["config"]["tasks"]) and list(taken.values()) == sorted(taken.values(), reverse=True)
+    assert abs(sum(taken.values()) + gaussian[-1]["unknown_caught_general"] - 100) < 0.1
     assert gaussian[-1]["seen"] >= 90
     assert report["routers"]["gaussian"]["tradeoff"][0]["multiplier"] < 1
     last = report["shapes"]["one_wording"]["routers"]["gaussian"]["tradeoff_last_stage"]
@@ -149,7 +152,7 @@ def test_routing_benchmark_on_the_demo_stream(tmp_path):
     assert rejected[0] > rejected[-1]
     text = (out / "report.md").read_text()
     assert "| `gaussian` |" in text and "Trade-off of `gaussian`" in text and "Trade-off after the last stage" in text
-    assert "A task from a few rows" in text
+    assert "A task from a few rows" in text and "the tasks that keep them" in text
     assert (out / "routing.png").stat().st_size > 0
     def cache_files() -> list[tuple[str, int]]:
         return sorted((str(p), p.stat().st_mtime_ns) for p in (out / "routing-cache").rglob("*") if p.is_file())

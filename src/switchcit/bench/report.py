@@ -421,6 +421,14 @@ def render_routing(report: dict) -> str:
         lines += _table(["shape", "router", *reworded_tasks],
                         [[shape, f"`{name}`", *[_cell(by_task.get(t)) for t in reworded_tasks]]
                          for (shape, name), by_task in reworded.items()])
+    taken = [(shape, name, r["general_taken"]) for shape, by in report.get("shapes", {}).items()
+             for name, r in by["routers"].items() if r.get("general_taken")]
+    if taken:
+        lines += ["", "## Everyday requests not caught after the last stage: the tasks that keep them", "",
+                  "Percent of the general requests each task keeps past the fallback (the five that keep most).", ""]
+        lines += _table(["shape", "router", "tasks"],
+                        [[shape, f"`{name}`", ", ".join(f"{t} {_cell(v)}" for t, v in list(by_task.items())[:5])]
+                         for shape, name, by_task in taken])
     small = [(shape, name, r["small_task"]) for shape, by in report.get("shapes", {}).items()
              for name, r in by["routers"].items() if r.get("small_task")]
     if small:

@@ -23,7 +23,8 @@ prompt sent to base is a miss):
 - joint_seen / joint_unseen: the same router fitted at stage k on all data of tasks 1..k at once (the
   MLP on every feature instead of the retained memory; the Gaussian switch is the same by construction);
   the gap to `seen` / `unseen` is the switch's own forgetting.
-After the last stage, `small_task`: the last task learned from only 2, 5 or 10 rows beside the others, against
+After the last stage, `general_taken`: the share of the everyday requests each task keeps past the fallback;
+`small_task`: the last task learned from only 2, 5 or 10 rows beside the others, against
 the store without it (everyday and other-stream requests caught, the other tasks' prompts routed right).
 
 Every figure is measured for each shape of the training rows (`streams.SHAPES`): as the stream builds them,
@@ -340,6 +341,18 @@ def tradeoff(raws: list[dict]) -> list[dict]:
              "false_rejection_lowo": above("lowo", m)} for m in CURVE]
 
 
+def general_taken(kind: str, features: Features, order: list[str], config: RoutingConfig,
+                  memories: dict[str, TaskMemory]) -> dict[str, float]:
+    """Percent of the everyday requests each task keeps past the fallback after the last stage, most first (tasks
+    that keep none left out): where the unknowns that are not caught go. A task whose prompts are plain questions
+    or everyday goals (BIG-bench's strategyqa, goal_step_wikihow) keeps the requests that read like its inputs."""
+    from collections import Counter
+
+    routes = Fitted(kind, memories, {}, config, features.background).route(features.general)
+    kept = Counter(r for r in routes if r != BASE)
+    return {task: _share(n, len(routes)) for task, n in kept.most_common()}
+
+
 SMALL_TASK_ROWS = (2, 5, 10)  # users start tasks from a handful of examples
 
 
@@ -399,6 +412,7 @@ def score_routers(stream: Stream, shape: str, encoder: Encoder, config: RoutingC
             curves["tradeoff_last_stage"] = tradeoff([last])
         results[kind] = {"stages": rows, **curves}
         if kind in ROUTERS:
+            results[kind]["general_taken"] = general_taken(kind, features, order, config, memories)
             results[kind]["small_task"] = small_task(kind, features, order, config, memories)
     return features, results
 
