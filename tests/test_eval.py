@@ -9,6 +9,7 @@ from conftest import snapshot, task_rows, write_jsonl, write_rows
 
 from switchcit import ContinualModel
 from switchcit.bench.metrics import exact_match
+from switchcit.bench.routing import general_requests
 from switchcit.cli import main
 
 TOKENS = "6"
@@ -58,13 +59,19 @@ def test_eval_reports_routing_confusion_and_oracle_as_the_library_computes_them(
     assert report["overall"]["n"] == len(prompts)
     assert report["overall"]["routing_accuracy"] == 100 * sum(a.task == t for a, t in zip(routed, labels)) / len(labels)
     assert 0 < report["overall"]["oracle_score"] <= 100
+    general = cm.route(general_requests())  # everyday requests of no task: where the fallback lets them go
+    kept = Counter(r.task for r in general if r.task != "base")
+    to_base = 100 * (len(general) - sum(kept.values())) / len(general)
+    assert report["everyday"] == {"n": len(general), "to_base": to_base, "kept_by": dict(kept.most_common())}
     assert json.loads((out / "eval.json").read_text()) == report
     assert "| `reverse` |" in (out / "report.md").read_text()
+    assert "everyday requests of no task" in (out / "report.md").read_text()
     assert (out / "confusion.png").read_bytes()[:4] == b"\x89PNG"
 
     table = _run(capsys, "eval", "--store", trained_store, "--data", folder, "--max-new-tokens", TOKENS, "-q")
     assert table.splitlines()[0].split() == ["task", "n", "routing", "to", "base", "score", "oracle", "misrouted", "to"]
     assert any(line.startswith("reverse") and "initials" in line for line in table.splitlines())
+    assert table.splitlines()[-1].startswith(f"everyday requests of no task ({len(general)}, switchcit's own)")
 
 
 def test_eval_reads_one_file_with_task_or_a_task_column(trained_store, stream, tmp_path, capsys):

@@ -2,9 +2,12 @@
 
 Per task: the share of rows the switch routes to that task, the share it sends to the base model, where
 the rows went (confusion), and the answer score both as routed and with the row's own task's adapter
-forced (the oracle), so the user sees what routing costs. It runs the library's own paths
-(`ContinualModel.generate`, routed and forced) and the bench's metrics. A correctly routed row's oracle
-answer is its routed answer (the same adapter and prompt), so only misrouted rows are generated twice.
+forced (the oracle), so the user sees what routing costs. Beside them, routing only, switchcit's everyday
+requests of no task (`data/general_requests.txt`): the share sent to the base model and the tasks that keep the
+rest, since a task whose prompts read like requests to any assistant (bare questions, everyday goals) keeps
+requests like them, and only the user can give its rows an instruction that tells them apart. It runs the
+library's own paths (`ContinualModel.generate`, routed and forced) and the bench's metrics. A correctly routed
+row's oracle answer is its routed answer (the same adapter and prompt), so only misrouted rows are generated twice.
 """
 
 from __future__ import annotations
@@ -80,10 +83,21 @@ def _source(example: Example) -> str:
     return example.prompt[len(example.wording) + 2:] if example.wording else example.prompt
 
 
+def everyday(cm) -> dict:
+    """{n, to_base, kept_by: {task: requests, most first}}: the everyday requests of no task, routed."""
+    from .routing import general_requests
+
+    routes = cm.route(general_requests())
+    kept = Counter(r.task for r in routes if r.task != BASE)
+    return {"n": len(routes), "to_base": 100 * (len(routes) - sum(kept.values())) / len(routes),
+            "kept_by": dict(kept.most_common())}
+
+
 def evaluate(cm, heldout: dict[str, list[Example]], metric: str = "exact", max_new_tokens: int = 128,
              batch_size: int = 16) -> dict:
     """The report: {"metric", "tasks": {task: {n, routing_accuracy, to_base, confusion, score, oracle_score}},
-    "overall"}, percentages 0-100; overall routing over all rows, overall scores the mean over tasks."""
+    "overall", "everyday"}, percentages 0-100; overall routing over all rows, overall scores the mean over tasks;
+    everyday: see `everyday`."""
     from .metrics import METRICS
     from .streams import EvalExample
 
@@ -114,7 +128,7 @@ def evaluate(cm, heldout: dict[str, list[Example]], metric: str = "exact", max_n
                "to_base": 100 * sum(a.task == BASE for a in routed) / len(examples),
                "score": sum(t["score"] for t in tasks.values()) / len(tasks),
                "oracle_score": sum(t["oracle_score"] for t in tasks.values()) / len(tasks)}
-    return {"metric": metric, "tasks": tasks, "overall": overall}
+    return {"metric": metric, "tasks": tasks, "overall": overall, "everyday": everyday(cm)}
 
 
 def _misrouted(name: str, confusion: dict[str, int]) -> str:
@@ -125,6 +139,13 @@ def _lines(report: dict) -> list[tuple[str, dict, str]]:
     """(name, figures, where misrouted rows went) per task, then overall."""
     return [(name, t, _misrouted(name, t["confusion"]) if "confusion" in t else "")
             for name, t in [*report["tasks"].items(), ("overall", report["overall"])]]
+
+
+def _everyday_line(report: dict) -> str:
+    found = report["everyday"]
+    kept = ", ".join(f"{t} {n}" for t, n in found["kept_by"].items()) or "none"
+    return (f"everyday requests of no task ({found['n']}, switchcit's own): {found['to_base']:.1f}% sent to the base "
+            f"model; kept by {kept}")
 
 
 def render_table(report: dict) -> str:
@@ -138,6 +159,7 @@ def render_table(report: dict) -> str:
                      f"{t['score']:>7.1f} {t['oracle_score']:>7.1f}  {where}".rstrip())
     lines.append(f"score: {METRIC_NOTES[METRIC_NAMES[report['metric']]]} (0-100), as routed and with each row's own "
                  "task forced (oracle); overall scores: the mean over tasks")
+    lines.append(_everyday_line(report))
     return "\n".join(lines)
 
 
@@ -152,6 +174,7 @@ def render_markdown(report: dict) -> str:
                       "own task forced (oracle). Routing and to-base are percentages of the task's rows; overall "
                       "scores are the mean over tasks.", "",
                       *_table(["task", "rows", "routing %", "to base %", "score", "oracle", "misrouted to"], rows),
+                      "", _everyday_line(report) + ".", "",
                       "![where each task's rows were routed](confusion.png)", ""])
 
 
