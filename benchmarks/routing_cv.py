@@ -393,13 +393,14 @@ def main() -> None:
                 views(args.encoder), SwitchConfig().unknown_shrinkage)})
             print(json.dumps(rows[-1]), flush=True)
     for reference in args.encoders.split(",") if "encoder" in studies else []:
-        other = load_encoder(reference)
+        same = reference == args.encoder  # the features and background requests encoded above
+        other = encoder if same else load_encoder(reference)
         folder = RoutingConfig(encoder=reference).features_folder()
-        found = encode_stream(stream, other, args.out / "routing-cache" / folder)
+        found = features if same else encode_stream(stream, other, args.out / "routing-cache" / folder)
         count = views(reference)
         rows.append({"study": "encoder", "encoder": reference,
                      **kinds_cv(found, kinds, set(every), VARIANT_WEIGHT, found.others.shape[1] // count),
-                     **margin_cv(found, other.encode([r["text"] for r in requests]).double(),
+                     **margin_cv(found, background if same else other.encode([r["text"] for r in requests]).double(),
                                  [r["category"] for r in requests], SwitchConfig().background_margin, count,
                                  SwitchConfig().unknown_shrinkage)})
         print(json.dumps(rows[-1]), flush=True)

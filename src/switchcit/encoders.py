@@ -165,13 +165,13 @@ class PromptAndSegments:
 
 
 def with_segments(texts: list[str], whole: torch.Tensor, encode: Callable[[list[str]], torch.Tensor]) -> torch.Tensor:
-    """`whole` (the texts' vectors) plus the mean of their segments' vectors, `encode`d, normalised; a text of one
-    segment (or none) counts its own vector twice."""
+    """`whole` (the texts' vectors) plus the mean of their segments' vectors, `encode`d, normalised; a text that is
+    its own one segment (or has none) counts its own vector twice, and is not encoded again."""
     import torch
 
     from .variants import segments
 
-    parts = [segments(t) for t in texts]
+    parts = [[] if found == [t] else found for t, found in ((t, segments(t)) for t in texts)]
     flat = [p for ps in parts for p in ps]
     found = encode(flat) if flat else whole[:0]
     means, start = [], 0
