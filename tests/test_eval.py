@@ -8,6 +8,7 @@ import pytest
 from conftest import snapshot, task_rows, write_jsonl, write_rows
 
 from switchcit import ContinualModel
+from switchcit.bench.evaluate import KEEPS_EVERYDAY, everyday
 from switchcit.bench.metrics import exact_match
 from switchcit.bench.routing import general_requests
 from switchcit.cli import main
@@ -188,3 +189,35 @@ def test_a_metric_whose_package_is_missing_is_one_line_naming_the_extra(trained_
     errors = [line for line in proc.stderr.splitlines() if "error" in line]  # beside the model's loading bar
     assert proc.returncode != 0 and len(errors) == 1, proc.stderr
     assert "'rouge_score'" in errors[0] and "switchcit[bench]" in errors[0] and "unexpected" not in errors[0]
+
+
+# Bare questions of the kind anyone asks an assistant, written for this test (none is in general_requests.txt): a
+# task learned from rows like these keeps everyday requests, which only its owner can say it should not.
+ADVICE = ["How can I fall asleep faster at night?", "What should I pack for a weekend of hiking?",
+          "How do I get a red wine stain out of a carpet?", "What is a cheap dinner I can make for four people?",
+          "How much water should I drink in a day?", "What are some good habits for saving money?",
+          "How do I keep my houseplants alive in winter?", "What should I say in a thank-you note to my aunt?",
+          "How can I stop procrastinating on my homework?", "What is the best way to learn to cook?",
+          "How do I ask my boss for a day off?", "What can I do on a rainy Sunday with kids?",
+          "How do I make my coffee taste less bitter?", "What exercises help with a sore lower back?",
+          "How should I prepare for a job interview tomorrow?", "What is a nice gift for a friend who likes books?",
+          "How do I unclog a kitchen sink?", "What are some ways to make new friends in a new city?",
+          "How long should I rest between workouts?", "What can I bring to a potluck dinner?",
+          "How do I write a polite complaint to my landlord?", "What is a good routine for a relaxing evening?",
+          "How do I stop my glasses from fogging up?", "What should I plant in a small balcony garden?"]
+
+
+def test_learn_notes_a_task_that_keeps_everyday_requests_and_says_nothing_of_one_that_does_not(
+        store_copy, tiny_model, stream, tmp_path, capsys):
+    def learn(name: str, rows: list[dict]) -> str:
+        data = write_rows(tmp_path / f"{name}.jsonl", rows)
+        assert main(["learn", "--store", str(store_copy), "--task", name, "--data", str(data), "--model",
+                     str(tiny_model), "--max-steps", "1", "-q"]) == 0
+        return [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+
+    assert learn("again", task_rows(stream[0][0])) == []  # a word task whose rows say what they ask
+    [said] = learn("advice", [{"instruction": q, "output": "Here is what I would do."} for q in ADVICE])
+    kept = everyday(ContinualModel(store_copy, progress=False))["kept_by"]["advice"]
+    assert 100 * kept / len(general_requests()) >= KEEPS_EVERYDAY
+    assert said.startswith(f"note: task 'advice' keeps {kept} of switchcit's {len(general_requests())} everyday")
+    assert said.endswith("learn it again with --replace")

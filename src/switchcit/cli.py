@@ -14,6 +14,7 @@ from pathlib import Path
 from .bench import add_parser as add_bench_parser
 from .bench import cmd_bench
 from .bench.evaluate import add_parser as add_eval_parser
+from .bench.evaluate import everyday_note
 from .bundle import MAX_BYTES
 from .encoders import DEFAULT_ENCODER
 from .errors import SwitchcitError, one_line, write_failure
@@ -172,6 +173,9 @@ def cmd_learn(args) -> None:
         evaluated = "" if entry.eval_loss is None else f", eval loss {entry.eval_loss}"
         print(f"learned task '{entry.name}' ({entry.examples} examples, {entry.steps} steps, "
               f"loss {entry.final_loss}{evaluated}); store {args.store} now has {len(cm.tasks)} task(s)")
+        note = everyday_note(cm, entry.name)
+        if note:
+            print(f"note: {note}", file=sys.stderr)
 
 
 def cmd_route(args) -> None:

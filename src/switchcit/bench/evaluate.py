@@ -23,6 +23,7 @@ from ..errors import SwitchcitError
 from ..formats import is_saved_dataset
 from ..options import columns_option, fallback_option, model_options
 
+KEEPS_EVERYDAY = 5.0  # percent of the everyday requests a newly learned task may keep before `learn` notes it
 METRIC_NAMES = {"exact": "exact_match", "rouge": "rouge1", "bleu": "bleu", "sari": "sari", "bertscore": "bertscore"}
 
 
@@ -83,14 +84,34 @@ def _source(example: Example) -> str:
     return example.prompt[len(example.wording) + 2:] if example.wording else example.prompt
 
 
-def everyday(cm) -> dict:
-    """{n, to_base, kept_by: {task: requests, most first}}: the everyday requests of no task, routed."""
+def everyday_routes(cm) -> list[tuple[str, str]]:
+    """(request, the task it went to) for each everyday request of no task, routed as the store routes."""
     from .routing import general_requests
 
-    routes = cm.route(general_requests())
-    kept = Counter(r.task for r in routes if r.task != BASE)
+    requests = general_requests()
+    return [(request, route.task) for request, route in zip(requests, cm.route(requests))]
+
+
+def everyday(cm) -> dict:
+    """{n, to_base, kept_by: {task: requests, most first}}: the everyday requests of no task, routed."""
+    routes = everyday_routes(cm)
+    kept = Counter(task for _, task in routes if task != BASE)
     return {"n": len(routes), "to_base": 100 * (len(routes) - sum(kept.values())) / len(routes),
             "kept_by": dict(kept.most_common())}
+
+
+def everyday_note(cm, name: str) -> str | None:
+    """What `learn` says when task `name` keeps KEEPS_EVERYDAY percent or more of the everyday requests: requests
+    like them would get its adapter instead of the base model, and only the user knows whether they should."""
+    routes = everyday_routes(cm)
+    kept = [request for request, task in routes if task == name]
+    share = 100 * len(kept) / len(routes)
+    if share < KEEPS_EVERYDAY:
+        return None
+    return (f"task '{name}' keeps {len(kept)} of switchcit's {len(routes)} everyday requests of no task "
+            f"({share:.0f}%), e.g. {kept[0]!r}: its prompts read like requests to any assistant, so requests like "
+            "these will get its adapter, not the base model; if they should not, start its rows with an instruction "
+            "that says what the task asks (e.g. 'Answer yes or no: ...') and learn it again with --replace")
 
 
 def evaluate(cm, heldout: dict[str, list[Example]], metric: str = "exact", max_new_tokens: int = 128,
