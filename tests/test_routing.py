@@ -24,7 +24,7 @@ from switchcit.gaussian import (
 )
 from switchcit.generation import NEARER_EVERYDAY, OUTSIDE_REGIONS
 from switchcit.memory import MemoryConfig, TaskMemory, build_switch, load_switch, remember
-from switchcit.variants import encode_variants, prompt_variants, segments, template_words, variants
+from switchcit.variants import blocks, encode_variants, prompt_variants, segments, template_words, variants
 
 DIM = 16
 
@@ -522,20 +522,28 @@ def test_the_shipped_background_keeps_new_wordings_on_their_tasks():
         assert switch.routed_dims == 384 and sent_to_base(switch, probes) <= 0.1
 
 
-def shared_input_tasks(encoder) -> tuple[dict, dict]:
-    """Three tasks over the same passages (the shipped everyday requests, five to a passage on one line), told apart
-    only by their instruction after the passage, two wordings each: the memories (40 rows a task), and for 20 other
-    passages a prompt of each task in its first wording."""
+def shared_input_tasks(encode, lines: int = 1) -> tuple[dict, dict]:
+    """Three tasks over the same passages (the shipped everyday requests: five to a passage on one line, or one to a
+    line), told apart only by their instruction after the passage, two wordings each: the memories (40 rows a
+    task), and for 19-20 other passages a prompt of each task in its first wording."""
     from switchcit.background import background_requests
 
-    texts = [r["text"].replace("\n", " ") for r in background_requests()]
-    passages = [" ".join(texts[i:i + 5]) for i in range(0, 600, 5)]
+    texts, size = [r["text"].replace("\n", " ") for r in background_requests()], 5 if lines == 1 else lines
+    passages = [(" " if lines == 1 else "\n").join(texts[i:i + size]) for i in range(0, len(texts), size)]
     tasks = {"summary": ["{}\n\nSummarize the text above in one sentence.", "{}\n\nTL;DR of the above:"],
              "question": ["{}\n\nWrite a question the text above answers.", "{}\n\nAsk one question about this."],
              "french": ["{}\n\nTranslate the text above into French.", "{}\n\nSay this in French."]}
-    memories = {task: remember(encoder.encode([wordings[i % 2].format(p) for i, p in enumerate(passages[:40])]),
+    memories = {task: remember(encode([wordings[i % 2].format(p) for i, p in enumerate(passages[:40])]),
                                MemoryConfig(), SwitchConfig()) for task, wordings in tasks.items()}
-    return memories, {t: encoder.encode([w[0].format(p) for p in passages[100:]]) for t, w in tasks.items()}
+    return memories, {t: encode([w[0].format(p) for p in passages[-20:]]) for t, w in tasks.items()}
+
+
+def routed_right(memories: dict, probes: dict, background: torch.Tensor | None) -> float:
+    """The share of the probes that the full switch over `memories` routes to their own task."""
+    switch = build_switch(memories, SwitchConfig(), None, background)
+    hits = [label == task and known for task, x in probes.items()
+            for label, known in zip(switch.predict(x)[0], switch.known(x, switch.predict(x)[0]))]
+    return sum(hits) / len(hits)
 
 
 def test_tasks_over_the_same_inputs_are_told_apart_by_their_instruction():
@@ -547,13 +555,30 @@ def test_tasks_over_the_same_inputs_are_told_apart_by_their_instruction():
 
     routed = {}
     for reference in (DEFAULT_ENCODER, EMBEDDED_ENCODER):
-        encoder = load_encoder(reference)
-        memories, probes = shared_input_tasks(encoder)
-        switch = build_switch(memories, SwitchConfig(), None, background_mean(reference, encoder.encode))
-        hits = [label == task and known for task, x in probes.items()
-                for label, known in zip(switch.predict(x)[0], switch.known(x, switch.predict(x)[0]))]
-        routed[reference] = sum(hits) / len(hits)
+        encode = load_encoder(reference).encode
+        routed[reference] = routed_right(*shared_input_tasks(encode), background_mean(reference, encode))
     assert routed[DEFAULT_ENCODER] >= 0.85 and routed[EMBEDDED_ENCODER] < routed[DEFAULT_ENCODER] - 0.3, routed
+
+
+def test_an_instruction_apart_from_an_input_of_many_lines_keeps_its_weight():
+    """The same tasks over passages of 10 lines, a blank line before the instruction: cut at every line, the prompt
+    gives its instruction one segment in 11 and the tasks blur again; cut at the blank line (variants.blocks, the
+    default encoder's cut) it is one part of two."""
+    from switchcit.encoders import DEFAULT_ENCODER, EMBEDDED_ENCODER, load_encoder
+
+    plain, default = load_encoder(EMBEDDED_ENCODER), load_encoder(DEFAULT_ENCODER)
+
+    def by_lines(texts: list[str]) -> torch.Tensor:
+        cut = [segments(t) for t in texts]
+        found, start, means = plain.encode([s for parts in cut for s in parts]), 0, []
+        for parts in cut:
+            means.append(found[start:start + len(parts)].mean(dim=0))
+            start += len(parts)
+        return torch.nn.functional.normalize(plain.encode(texts) + torch.stack(means), dim=1)
+
+    routed = {name: routed_right(*shared_input_tasks(encode, lines=10), None)
+              for name, encode in (("blocks", default.encode), ("lines", by_lines))}
+    assert routed["blocks"] >= 0.85 and routed["lines"] < routed["blocks"] - 0.1, routed
 
 
 def test_the_segments_encoder_adds_the_mean_of_the_segments_to_the_whole_prompt():
@@ -571,6 +596,11 @@ def test_the_segments_encoder_adds_the_mean_of_the_segments_to_the_whole_prompt(
     assert torch.allclose(found[2], torch.nn.functional.normalize(
         whole[2] + plain.encode(segments(texts[2])).mean(dim=0), dim=0), atol=1e-5)
     assert torch.allclose(found[3], torch.nn.functional.normalize(whole[3], dim=0), atol=1e-5)  # no segment at all
+    dialogue = "Summarize this chat.\n\nA: hi there\nB: hello, how are you?\nA: fine"  # blocks before lines
+    assert blocks(dialogue) == ["Summarize this chat.", "A: hi there\nB: hello, how are you?\nA: fine"]
+    assert blocks(texts[0]) == segments(texts[0]) and blocks("one\ntwo") == ["one", "two"]
+    assert torch.allclose(segmented.encode([dialogue])[0], torch.nn.functional.normalize(
+        plain.encode([dialogue])[0] + plain.encode(blocks(dialogue)).mean(dim=0), dim=0), atol=1e-5)
 
 
 def test_two_views_route_by_the_first_and_send_what_neither_task_asks_to_base(tmp_path):

@@ -15,11 +15,12 @@ them, tasks of one one-sentence wording route 99.9% of their other wordings righ
 base; `routing_cv.py --studies one_sentence`).
 
 A prompt is cut into segments at line breaks, or, when it is one line, after sentence ends and colons
-("Spell out this number in words: 41" -> the instruction and "41"). A prompt of one segment is cut by its
-task's rows instead: where the rows carry their input inside one sentence ("What is 80 plus 29?"), the
-words most of them share and everyday requests do not (`template_words`) are the wording, the rest the
-row's own input ("80", "29"), and its variants drop, move or half-word the wording the same way. A prompt
-of one segment whose task shows no such wording has no variant.
+("Spell out this number in words: 41" -> the instruction and "41"); the default encoder cuts at blank lines
+first (`blocks`), so that an input of many lines counts as one part beside its instruction. A prompt of one
+segment is cut by its task's rows instead: where the rows carry their input inside one sentence ("What is 80
+plus 29?"), the words most of them share and everyday requests do not (`template_words`) are the wording, the
+rest the row's own input ("80", "29"), and its variants drop, move or half-word the wording the same way. A
+prompt of one segment whose task shows no such wording has no variant.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     import torch
 
 LINE_BREAK = re.compile(r"\n")
+BLANK_LINE = re.compile(r"\n[ \t]*\n")
 SENTENCE_END = re.compile(r"(?<=[.?!:;])\s+(?=\S)")
 FIELD_LABEL = re.compile(r"^[A-Za-z][A-Za-z0-9 '()/-]{0,30}?:\s+(?=\S)")  # "Premise: ", "Sentence 1: "
 RULE = re.compile(r"[=\-#*_~ ]+")  # separator lines such as "===" carry no text
@@ -53,6 +55,14 @@ def segments(prompt: str) -> list[str]:
     if len(lines) >= 2:
         return lines
     return [s.strip() for s in SENTENCE_END.split(prompt) if s.strip()]
+
+
+def blocks(prompt: str) -> list[str]:
+    """The prompt's blocks between blank lines when it has two or more (an instruction apart from an input of many
+    lines, as `{instruction}\n\n{input}` rows are joined), else its segments; separator blocks dropped."""
+    found = [b.strip() for b in BLANK_LINE.split(prompt)]
+    found = [b for b in found if b and not RULE.fullmatch(b)]
+    return found if len(found) >= 2 else segments(prompt)
 
 
 def longest(parts: list[str]) -> int:
