@@ -209,7 +209,7 @@ ADVICE = ["How can I fall asleep faster at night?", "What should I pack for a we
 
 def test_learn_notes_a_task_that_keeps_everyday_requests_and_says_nothing_of_one_that_does_not(
         store_copy, tiny_model, stream, tmp_path, capsys):
-    def learn(name: str, rows: list[dict]) -> str:
+    def learn(name: str, rows: list[dict]) -> list[str]:
         data = write_rows(tmp_path / f"{name}.jsonl", rows)
         assert main(["learn", "--store", str(store_copy), "--task", name, "--data", str(data), "--model",
                      str(tiny_model), "--max-steps", "1", "-q"]) == 0

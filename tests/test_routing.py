@@ -525,7 +525,7 @@ def test_the_shipped_background_keeps_new_wordings_on_their_tasks():
 def shared_input_tasks(encode, lines: int = 1) -> tuple[dict, dict]:
     """Three tasks over the same passages (the shipped everyday requests: five to a passage on one line, or one to a
     line), told apart only by their instruction after the passage, two wordings each: the memories (40 rows a
-    task), and for 19-20 other passages a prompt of each task in its first wording."""
+    task), and for the last 20 passages a prompt of each task in its first wording."""
     from switchcit.background import background_requests
 
     texts, size = [r["text"].replace("\n", " ") for r in background_requests()], 5 if lines == 1 else lines
@@ -541,8 +541,10 @@ def shared_input_tasks(encode, lines: int = 1) -> tuple[dict, dict]:
 def routed_right(memories: dict, probes: dict, background: torch.Tensor | None) -> float:
     """The share of the probes that the full switch over `memories` routes to their own task."""
     switch = build_switch(memories, SwitchConfig(), None, background)
-    hits = [label == task and known for task, x in probes.items()
-            for label, known in zip(switch.predict(x)[0], switch.known(x, switch.predict(x)[0]))]
+    hits = []
+    for task, x in probes.items():
+        labels = switch.predict(x)[0]
+        hits += [label == task and known for label, known in zip(labels, switch.known(x, labels))]
     return sum(hits) / len(hits)
 
 

@@ -168,8 +168,8 @@ class PromptAndSegments:
 
 
 def with_segments(texts: list[str], whole: torch.Tensor, encode: Callable[[list[str]], torch.Tensor]) -> torch.Tensor:
-    """`whole` (the texts' vectors) plus the mean of their segments' vectors, `encode`d, normalised; a text that is
-    its own one segment (or has none) counts its own vector twice, and is not encoded again."""
+    """`whole` (the texts' vectors) plus the mean of their parts' vectors (variants.blocks), `encode`d, normalised; a
+    text that is its own one part (or has none) counts its own vector twice, and is not encoded again."""
     import torch
 
     from .variants import blocks
