@@ -566,17 +566,12 @@ def test_an_instruction_apart_from_an_input_of_many_lines_keeps_its_weight():
     """The same tasks over passages of 10 lines, a blank line before the instruction: cut at every line, the prompt
     gives its instruction one segment in 11 and the tasks blur again; cut at the blank line (variants.blocks, the
     default encoder's cut) it is one part of two."""
-    from switchcit.encoders import DEFAULT_ENCODER, EMBEDDED_ENCODER, load_encoder
+    from switchcit.encoders import DEFAULT_ENCODER, EMBEDDED_ENCODER, load_encoder, with_segments
 
     plain, default = load_encoder(EMBEDDED_ENCODER), load_encoder(DEFAULT_ENCODER)
 
-    def by_lines(texts: list[str]) -> torch.Tensor:
-        cut = [segments(t) for t in texts]
-        found, start, means = plain.encode([s for parts in cut for s in parts]), 0, []
-        for parts in cut:
-            means.append(found[start:start + len(parts)].mean(dim=0))
-            start += len(parts)
-        return torch.nn.functional.normalize(plain.encode(texts) + torch.stack(means), dim=1)
+    def by_lines(texts: list[str]) -> torch.Tensor:  # the ninth step's cut, at every line
+        return with_segments(texts, plain.encode(texts), plain.encode, cut=segments)
 
     routed = {name: routed_right(*shared_input_tasks(encode, lines=10), None)
               for name, encode in (("blocks", default.encode), ("lines", by_lines))}

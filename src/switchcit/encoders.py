@@ -167,14 +167,16 @@ class PromptAndSegments:
         return with_segments(texts, self.inner.encode(texts), self.inner.encode)
 
 
-def with_segments(texts: list[str], whole: torch.Tensor, encode: Callable[[list[str]], torch.Tensor]) -> torch.Tensor:
-    """`whole` (the texts' vectors) plus the mean of their parts' vectors (variants.blocks), `encode`d, normalised; a
-    text that is its own one part (or has none) counts its own vector twice, and is not encoded again."""
+def with_segments(texts: list[str], whole: torch.Tensor, encode: Callable[[list[str]], torch.Tensor],
+                  cut: Callable[[str], list[str]] | None = None) -> torch.Tensor:
+    """`whole` (the texts' vectors) plus the mean of their parts' vectors (`cut`, default variants.blocks), `encode`d,
+    normalised; a text that is its own one part (or has none) counts its own vector twice, and is not encoded again."""
     import torch
 
     from .variants import blocks
 
-    parts = [[] if found == [t] else found for t, found in ((t, blocks(t)) for t in texts)]
+    cut = cut or blocks
+    parts = [[] if found == [t] else found for t, found in ((t, cut(t)) for t in texts)]
     flat = [p for ps in parts for p in ps]
     found = encode(flat) if flat else whole[:0]
     means, start = [], 0
