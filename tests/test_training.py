@@ -13,6 +13,7 @@ from conftest import run_cli, snapshot, task_rows, write_jsonl
 from safetensors.torch import load_file
 
 from switchcit import Store
+from switchcit.training import complete, last_checkpoint
 
 
 @pytest.fixture
@@ -34,6 +35,18 @@ def _close(one: dict, other: dict, tolerance: float = 1e-4) -> bool:
     return one.keys() == other.keys() and all((one[k] - other[k]).abs().max() < tolerance for k in one)
 
 
+def test_a_checkpoint_cut_short_while_written_is_never_resumed_from(tmp_path):
+    """A run killed while the Trainer writes a checkpoint's last file leaves it empty or cut short: the newest
+    checkpoint that parses is the one to resume from."""
+    for step, state in ((5, {"global_step": 5}), (10, None), (15, '{"global_st')):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        if state is not None:
+            (folder / "trainer_state.json").write_text(state if isinstance(state, str) else json.dumps(state))
+    assert [complete(tmp_path / f"checkpoint-{s}") for s in (5, 10, 15)] == [True, False, False]
+    assert last_checkpoint(tmp_path) == (tmp_path / "checkpoint-5", 5)
+
+
 def test_killed_learn_resumes_to_the_same_adapter(tmp_path, words, tiny_model):
     budget = ("--max-steps", "300", "--epochs", "100", "--save-steps", "5")
     _learn(tmp_path / "whole", words, tiny_model, *budget)
@@ -42,7 +55,7 @@ def test_killed_learn_resumes_to_the_same_adapter(tmp_path, words, tiny_model):
                              "--data", str(words), "--model", str(tiny_model), "--lr", "1e-2", "--batch-size", "4",
                              "-q", *budget], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while not list(store.glob(".checkpoints/words/*/checkpoint-*/trainer_state.json")) and time.time() < deadline:
+    while not any(complete(c) for c in store.glob(".checkpoints/words/*/checkpoint-*")) and time.time() < deadline:
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()

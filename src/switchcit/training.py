@@ -156,9 +156,19 @@ def run_key(examples: list[Example], eval_examples: list[Example] | None, config
     return digest.hexdigest()[:16]
 
 
+def complete(checkpoint: Path) -> bool:
+    """Whether the Trainer finished writing this checkpoint: its last file exists and parses (a run killed while
+    writing it leaves the file cut short, and resuming from it would fail)."""
+    try:
+        json.loads((checkpoint / _COMPLETE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def last_checkpoint(run_dir: Path) -> tuple[Path, int] | None:
     """The newest complete checkpoint of a run and its step, if any."""
-    steps = {p: p.name.removeprefix("checkpoint-") for p in run_dir.glob("checkpoint-*") if (p / _COMPLETE).is_file()}
+    steps = {p: p.name.removeprefix("checkpoint-") for p in run_dir.glob("checkpoint-*") if complete(p)}
     return max(((p, int(s)) for p, s in steps.items() if s.isdigit()), key=lambda found: found[1], default=None)
 
 
